@@ -1,0 +1,233 @@
+"""The one exception tree of kmsd; each class knows its gRPC code, reason and AWS name.
+
+This module imports no gRPC: codes are the canonical `google.rpc.Code` numbers, so
+`crypto/`, `fsm/` and `storage/` may raise these errors freely. The mapping to a
+`google.rpc.Status` happens once, in `kmsd.api.status`.
+
+    KmsError
+    ├── NotFoundError                 NOT_FOUND            NotFoundException
+    ├── AlreadyExistsError            ALREADY_EXISTS       AlreadyExistsException
+    ├── ValidationError               INVALID_ARGUMENT     ValidationException (field violations)
+    │   ├── InvalidAliasNameError                          InvalidAliasNameException
+    │   ├── InvalidArnError                                InvalidArnException
+    │   ├── InvalidMarkerError                             InvalidMarkerException
+    │   └── TagError                                       TagException
+    ├── InvalidCiphertextError        INVALID_ARGUMENT     InvalidCiphertextException (opaque)
+    ├── IncorrectKeyError             INVALID_ARGUMENT     IncorrectKeyException
+    ├── InvalidKeyUsageError          INVALID_ARGUMENT     InvalidKeyUsageException
+    ├── UnsupportedOperationError     INVALID_ARGUMENT     UnsupportedOperationException
+    ├── DisabledError                 FAILED_PRECONDITION  DisabledException
+    ├── InvalidStateError             FAILED_PRECONDITION  KMSInvalidStateException
+    ├── DryRunError                   FAILED_PRECONDITION  DryRunOperationException
+    ├── ConflictError                 ABORTED              ConflictException
+    ├── LimitExceededError            RESOURCE_EXHAUSTED   LimitExceededException
+    ├── AccessDeniedError             PERMISSION_DENIED    AccessDeniedException
+    ├── UnavailableError              UNAVAILABLE          KMSInternalException (retryable)
+    ├── StorageCorruptedError         DATA_LOSS            KMSInternalException
+    └── InternalError                 INTERNAL             KMSInternalException
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Canonical google.rpc.Code values (google/rpc/code.proto).
+INVALID_ARGUMENT = 3
+NOT_FOUND = 5
+ALREADY_EXISTS = 6
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+FAILED_PRECONDITION = 9
+ABORTED = 10
+INTERNAL = 13
+UNAVAILABLE = 14
+DATA_LOSS = 15
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: `field` is the proto field path, `description` says why."""
+
+    field: str
+    description: str
+
+
+class KmsError(Exception):
+    """Base of every error kmsd reports to a caller."""
+
+    code: int = INTERNAL
+    reason: str = "KMS_INTERNAL"
+    aws_exception: str = "KMSInternalException"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(KmsError):
+    """The named key, alias or other resource does not exist."""
+
+    code = NOT_FOUND
+    reason = "NOT_FOUND"
+    aws_exception = "NotFoundException"
+
+
+class AlreadyExistsError(KmsError):
+    """A resource with that name exists already (an alias)."""
+
+    code = ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+    aws_exception = "AlreadyExistsException"
+
+
+class ValidationError(KmsError):
+    """A request field is missing, malformed or out of range."""
+
+    code = INVALID_ARGUMENT
+    reason = "VALIDATION_FAILED"
+    aws_exception = "ValidationException"
+
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.violations: Sequence[FieldViolation] = (FieldViolation(field, description),)
+
+
+class InvalidAliasNameError(ValidationError):
+    """An alias name breaks the AWS alias naming rules."""
+
+    reason = "INVALID_ALIAS_NAME"
+    aws_exception = "InvalidAliasNameException"
+
+
+class InvalidArnError(ValidationError):
+    """A key id, ARN or alias is malformed."""
+
+    reason = "INVALID_ARN"
+    aws_exception = "InvalidArnException"
+
+
+class InvalidMarkerError(ValidationError):
+    """A paging marker was not one this service issued for this listing."""
+
+    reason = "INVALID_MARKER"
+    aws_exception = "InvalidMarkerException"
+
+
+class TagError(ValidationError):
+    """A tag key or value breaks the tagging rules."""
+
+    reason = "TAG_INVALID"
+    aws_exception = "TagException"
+
+
+class InvalidCiphertextError(KmsError):
+    """The ciphertext could not be decrypted. Deliberately says nothing about why."""
+
+    code = INVALID_ARGUMENT
+    reason = "INVALID_CIPHERTEXT"
+    aws_exception = "InvalidCiphertextException"
+
+    def __init__(self, message: str = "The ciphertext is invalid.") -> None:
+        super().__init__(message)
+
+
+class IncorrectKeyError(KmsError):
+    """The key named in the request is not the key that encrypted the ciphertext."""
+
+    code = INVALID_ARGUMENT
+    reason = "INCORRECT_KEY"
+    aws_exception = "IncorrectKeyException"
+
+
+class InvalidKeyUsageError(KmsError):
+    """The key's usage or spec does not allow this operation."""
+
+    code = INVALID_ARGUMENT
+    reason = "INVALID_KEY_USAGE"
+    aws_exception = "InvalidKeyUsageException"
+
+
+class UnsupportedOperationError(KmsError):
+    """The operation or option is not supported (yet) by kmsd or for this key."""
+
+    code = INVALID_ARGUMENT
+    reason = "UNSUPPORTED_OPERATION"
+    aws_exception = "UnsupportedOperationException"
+
+
+class DisabledError(KmsError):
+    """The key is disabled."""
+
+    code = FAILED_PRECONDITION
+    reason = "KEY_DISABLED"
+    aws_exception = "DisabledException"
+
+
+class InvalidStateError(KmsError):
+    """The key's state does not allow this operation (AWS key state table)."""
+
+    code = FAILED_PRECONDITION
+    reason = "KMS_INVALID_STATE"
+    aws_exception = "KMSInvalidStateException"
+
+
+class DryRunError(KmsError):
+    """A dry run that would have succeeded (AWS DryRunOperationException)."""
+
+    code = FAILED_PRECONDITION
+    reason = "DRY_RUN_OPERATION"
+    aws_exception = "DryRunOperationException"
+
+    def __init__(
+        self, message: str = "The request would have succeeded, but DryRun was set."
+    ) -> None:
+        super().__init__(message)
+
+
+class ConflictError(KmsError):
+    """The request conflicts with work in progress on the same resource."""
+
+    code = ABORTED
+    reason = "CONFLICT"
+    aws_exception = "ConflictException"
+
+
+class LimitExceededError(KmsError):
+    """A per-resource limit would be exceeded (on-demand rotations, aliases, tags...)."""
+
+    code = RESOURCE_EXHAUSTED
+    reason = "LIMIT_EXCEEDED"
+    aws_exception = "LimitExceededException"
+
+
+class AccessDeniedError(KmsError):
+    """The caller may not perform this operation."""
+
+    code = PERMISSION_DENIED
+    reason = "ACCESS_DENIED"
+    aws_exception = "AccessDeniedException"
+
+
+class UnavailableError(KmsError):
+    """The service cannot take the request now; the caller should retry."""
+
+    code = UNAVAILABLE
+    reason = "UNAVAILABLE"
+    aws_exception = "KMSInternalException"
+
+    def __init__(self, message: str, retry_after_seconds: float = 0.1) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class StorageCorruptedError(KmsError):
+    """Durable state failed an integrity check; the node must not serve from it."""
+
+    code = DATA_LOSS
+    reason = "STORAGE_CORRUPTED"
+    aws_exception = "KMSInternalException"
+
+
+class InternalError(KmsError):
+    """An unexpected failure inside kmsd."""
