@@ -1,0 +1,81 @@
+"""The seam between the key store and the log that orders and persists its commands.
+
+The state machine (`kmsd.fsm`) never knows whether its log is a single node's WAL
+or a replicated Raft log: both implement `CommandLog` and feed committed commands,
+in order, to a `StateMachine`. A command is opaque bytes here (a serialized
+`kms.fsm.v1.Command`).
+
+Contract, for every implementation:
+- `propose` returns only after the command is durable (fsynced; for Raft, on a
+  majority) *and* applied; the returned `Applied.result` is what `apply` returned.
+- Commands are applied one at a time, in log order, exactly once per process
+  lifetime; after a restart the state is rebuilt from the latest snapshot plus
+  the log suffix, so `apply` must be deterministic.
+- A failure to persist is fatal (fail-stop): the log stops, pending and later
+  proposals fail with `UnavailableError`, and `failure` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StateMachine(Protocol):
+    """What a log drives. Implemented by `kmsd.fsm.KeyStore`."""
+
+    def apply(self, index: int, command: bytes) -> object:
+        """Applies one committed command. Deterministic; never raises for bad commands
+        (a rejected command is a result value). `index` is the log index, > 0."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """Serializes the whole state, including the index of the last applied command."""
+        ...
+
+    def restore(self, data: bytes) -> None:
+        """Replaces the whole state with a snapshot made by `snapshot`."""
+        ...
+
+    @property
+    def applied_index(self) -> int:
+        """The index of the last command applied (or restored from a snapshot); 0 if none."""
+        ...
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The outcome of a proposal: where it sits in the log and what `apply` returned."""
+
+    index: int
+    result: object
+
+
+class CommandLog(Protocol):
+    """An ordered, durable log of commands applied to one state machine."""
+
+    async def start(self) -> None:
+        """Recovers state (snapshot + log replay) and begins accepting proposals."""
+        ...
+
+    async def stop(self) -> None:
+        """Stops accepting proposals; pending ones fail with UnavailableError."""
+        ...
+
+    async def propose(self, command: bytes) -> Applied:
+        """Appends `command`; returns once it is durable and applied."""
+        ...
+
+    async def read_barrier(self) -> int:
+        """Returns an index such that reading the state machine after it is applied
+        is linearizable; returns only once that index is applied locally."""
+        ...
+
+    def is_leader(self) -> bool:
+        """True when this node may propose (always true for a single node)."""
+        ...
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The fatal error that stopped the log, if any."""
+        ...
