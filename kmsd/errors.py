@@ -231,3 +231,23 @@ class StorageCorruptedError(KmsError):
 
 class InternalError(KmsError):
     """An unexpected failure inside kmsd."""
+
+
+def _all_subclasses(cls: type[KmsError]) -> list[type[KmsError]]:
+    found: list[type[KmsError]] = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def error_from_reason(reason: str, message: str, field: str = "") -> KmsError:
+    """Rebuilds the error a state machine recorded by reason (see `fsm.CommandError`)."""
+    candidates: list[type[KmsError]] = [KmsError, *_all_subclasses(KmsError)]
+    for cls in candidates:
+        if cls.reason != reason:
+            continue
+        if issubclass(cls, ValidationError):
+            return cls(field or "request", message)
+        return cls(message)
+    return InternalError(message)

@@ -1,0 +1,381 @@
+"""KeyStore: the deterministic state machine of keys, aliases and request ids.
+
+It is driven by a `kmsd.log.base.CommandLog`: `apply` takes a serialized
+`kms.fsm.v1.Command`, checks it against the current state (the AWS key-state
+table, limits, alias rules) and either changes the state or records a
+rejection; it never raises for a bad command and never reads a clock or an
+RNG, so every replica that applies the same log holds the same bytes.
+
+Key material is held only as the seal-wrapped bytes the command carried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from google.protobuf.message import DecodeError
+from kms.fsm.v1 import commands_pb2 as fsm
+from kms.v1 import resources_pb2 as res
+
+from kmsd.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InternalError,
+    KmsError,
+    LimitExceededError,
+    NotFoundError,
+    UnsupportedOperationError,
+    ValidationError,
+)
+from kmsd.fsm.key_states import check_key_state
+
+DAY_MS = 86_400_000
+# How long a request_id is remembered, by log time (AWS-style retry windows are minutes).
+DEDUPE_TTL_MS = 24 * 3_600_000
+MAX_ON_DEMAND_ROTATIONS = 25
+MAX_ALIASES_PER_KEY = 50
+MAX_TAGS_PER_KEY = 50
+DEFAULT_ROTATION_PERIOD_DAYS = 365
+
+
+class KeyStore:
+    """The in-memory key store, rebuilt from snapshot + log on start."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, fsm.KeyRecord] = {}
+        self._aliases: dict[str, fsm.AliasRecord] = {}
+        self._dedupe: OrderedDict[str, fsm.DedupeEntry] = OrderedDict()
+        self._applied_index = 0
+        self._last_now_ms = 0
+        self._handlers: dict[str, Callable[[fsm.Command], str]] = {
+            "create_key": self._create_key,
+            "update_key_description": self._update_key_description,
+            "enable_key": self._enable_key,
+            "disable_key": self._disable_key,
+            "schedule_key_deletion": self._schedule_key_deletion,
+            "cancel_key_deletion": self._cancel_key_deletion,
+            "delete_key": self._delete_key,
+            "create_alias": self._create_alias,
+            "update_alias": self._update_alias,
+            "delete_alias": self._delete_alias,
+            "enable_key_rotation": self._enable_key_rotation,
+            "disable_key_rotation": self._disable_key_rotation,
+            "rotate_key": self._rotate_key,
+            "tag_resource": self._tag_resource,
+            "untag_resource": self._untag_resource,
+        }
+
+    # ---- StateMachine protocol -------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    def apply(self, index: int, command: bytes) -> fsm.CommandResult:
+        self._applied_index = index
+        cmd = fsm.Command()
+        try:
+            cmd.ParseFromString(command)
+        except DecodeError:
+            return _rejected(InternalError("undecodable command"))
+        kind = cmd.WhichOneof("kind")
+        if kind is None:
+            return _rejected(InternalError("empty command"))
+        self._last_now_ms = max(self._last_now_ms, cmd.now_ms)
+        self._expire_request_ids()
+        digest = b""
+        if cmd.request_id:
+            digest = hashlib.sha256(
+                getattr(cmd, kind).SerializeToString(deterministic=True)
+            ).digest()
+            seen = self._dedupe.get(cmd.request_id)
+            if seen is not None:
+                if seen.command_digest != digest:
+                    return _rejected(
+                        ValidationError("request_id", "was already used for a different request")
+                    )
+                return seen.result
+        try:
+            result = fsm.CommandResult(key_id=self._handlers[kind](cmd))
+        except KmsError as error:
+            result = _rejected(error)
+        if cmd.request_id:
+            self._dedupe[cmd.request_id] = fsm.DedupeEntry(
+                request_id=cmd.request_id,
+                command_digest=digest,
+                index=index,
+                applied_ms=cmd.now_ms,
+                result=result,
+            )
+        return result
+
+    def snapshot(self) -> bytes:
+        snap = fsm.Snapshot(
+            applied_index=self._applied_index,
+            keys=list(self._keys.values()),
+            aliases=[self._aliases[name] for name in sorted(self._aliases)],
+            dedupe=list(self._dedupe.values()),
+            last_now_ms=self._last_now_ms,
+        )
+        return snap.SerializeToString(deterministic=True)
+
+    def restore(self, data: bytes) -> None:
+        snap = fsm.Snapshot()
+        snap.ParseFromString(data)
+        self._keys = {key.key_id: key for key in snap.keys}
+        self._aliases = {alias.alias_name: alias for alias in snap.aliases}
+        self._dedupe = OrderedDict((entry.request_id, entry) for entry in snap.dedupe)
+        self._applied_index = snap.applied_index
+        self._last_now_ms = snap.last_now_ms
+
+    # ---- queries ----------------------------------------------------------------
+
+    def key(self, key_id: str) -> fsm.KeyRecord | None:
+        """The key with this UUID, or None. The record must not be modified."""
+        return self._keys.get(key_id)
+
+    def alias(self, alias_name: str) -> fsm.AliasRecord | None:
+        """The alias with this exact name, or None."""
+        return self._aliases.get(alias_name)
+
+    def keys(self) -> list[fsm.KeyRecord]:
+        """All keys in creation order."""
+        return list(self._keys.values())
+
+    def aliases(self, target_key_id: str = "") -> list[fsm.AliasRecord]:
+        """Aliases sorted by name, optionally only those pointing at one key."""
+        return [
+            self._aliases[name]
+            for name in sorted(self._aliases)
+            if not target_key_id or self._aliases[name].target_key_id == target_key_id
+        ]
+
+    def due_deletions(self, now_ms: int) -> Iterator[fsm.KeyRecord]:
+        """Keys pending deletion whose deletion date has passed."""
+        for key in self._keys.values():
+            if key.key_state == res.KEY_STATE_PENDING_DELETION and key.deletion_date_ms <= now_ms:
+                yield key
+
+    def due_rotations(self, now_ms: int) -> Iterator[fsm.KeyRecord]:
+        """Enabled keys with automatic rotation on whose next rotation date has passed."""
+        for key in self._keys.values():
+            if (
+                key.rotation_enabled
+                and key.key_state == res.KEY_STATE_ENABLED
+                and key.next_rotation_ms <= now_ms
+            ):
+                yield key
+
+    # ---- command handlers: each returns the affected key id or raises KmsError --
+
+    def _existing(self, key_id: str) -> fsm.KeyRecord:
+        key = self._keys.get(key_id)
+        if key is None:
+            raise NotFoundError(f"Key '{key_id}' does not exist.")
+        return key
+
+    def _create_key(self, cmd: fsm.Command) -> str:
+        c = cmd.create_key
+        if c.key_id in self._keys:
+            raise AlreadyExistsError(f"Key '{c.key_id}' already exists.")
+        self._keys[c.key_id] = fsm.KeyRecord(
+            key_id=c.key_id,
+            creation_ms=cmd.now_ms,
+            description=c.description,
+            key_spec=c.key_spec,
+            key_usage=c.key_usage,
+            origin=c.origin,
+            key_state=res.KEY_STATE_ENABLED,
+            materials=[
+                fsm.KeyMaterial(
+                    version=1, wrapped_material=c.wrapped_material, create_ms=cmd.now_ms
+                )
+            ],
+            rotation_period_in_days=DEFAULT_ROTATION_PERIOD_DAYS,
+            tags=c.tags,
+            policy=c.policy,
+        )
+        return c.key_id
+
+    def _update_key_description(self, cmd: fsm.Command) -> str:
+        c = cmd.update_key_description
+        key = self._checked(c.key_id, "UpdateKeyDescription")
+        key.description = c.description
+        return c.key_id
+
+    def _enable_key(self, cmd: fsm.Command) -> str:
+        key = self._checked(cmd.enable_key.key_id, "EnableKey")
+        key.key_state = res.KEY_STATE_ENABLED
+        return key.key_id
+
+    def _disable_key(self, cmd: fsm.Command) -> str:
+        key = self._checked(cmd.disable_key.key_id, "DisableKey")
+        key.key_state = res.KEY_STATE_DISABLED
+        return key.key_id
+
+    def _schedule_key_deletion(self, cmd: fsm.Command) -> str:
+        c = cmd.schedule_key_deletion
+        key = self._checked(c.key_id, "ScheduleKeyDeletion")
+        key.key_state = res.KEY_STATE_PENDING_DELETION
+        key.pending_window_in_days = c.pending_window_in_days
+        key.deletion_date_ms = cmd.now_ms + c.pending_window_in_days * DAY_MS
+        return key.key_id
+
+    def _cancel_key_deletion(self, cmd: fsm.Command) -> str:
+        key = self._checked(cmd.cancel_key_deletion.key_id, "CancelKeyDeletion")
+        key.key_state = res.KEY_STATE_DISABLED
+        key.pending_window_in_days = 0
+        key.deletion_date_ms = 0
+        return key.key_id
+
+    def _delete_key(self, cmd: fsm.Command) -> str:
+        c = cmd.delete_key
+        key = self._existing(c.key_id)
+        if (
+            key.key_state != res.KEY_STATE_PENDING_DELETION
+            or key.deletion_date_ms != c.deletion_date_ms
+            or cmd.now_ms < key.deletion_date_ms
+        ):
+            raise ConflictError(f"Key '{c.key_id}' is no longer due for deletion.")
+        del self._keys[c.key_id]
+        for alias in self.aliases(c.key_id):
+            del self._aliases[alias.alias_name]
+        return c.key_id
+
+    def _create_alias(self, cmd: fsm.Command) -> str:
+        c = cmd.create_alias
+        if c.alias_name in self._aliases:
+            raise AlreadyExistsError(f"An alias with the name {c.alias_name} already exists.")
+        self._checked(c.target_key_id, "CreateAlias")
+        if len(self.aliases(c.target_key_id)) >= MAX_ALIASES_PER_KEY:
+            raise LimitExceededError(
+                f"Key '{c.target_key_id}' has {MAX_ALIASES_PER_KEY} aliases, the most allowed."
+            )
+        self._aliases[c.alias_name] = fsm.AliasRecord(
+            alias_name=c.alias_name,
+            target_key_id=c.target_key_id,
+            creation_ms=cmd.now_ms,
+            last_updated_ms=cmd.now_ms,
+        )
+        return c.target_key_id
+
+    def _update_alias(self, cmd: fsm.Command) -> str:
+        c = cmd.update_alias
+        alias = self._aliases.get(c.alias_name)
+        if alias is None:
+            raise NotFoundError(f"Alias {c.alias_name} does not exist.")
+        self._checked(c.target_key_id, "UpdateAlias")
+        alias.target_key_id = c.target_key_id
+        alias.last_updated_ms = cmd.now_ms
+        return c.target_key_id
+
+    def _delete_alias(self, cmd: fsm.Command) -> str:
+        name = cmd.delete_alias.alias_name
+        alias = self._aliases.pop(name, None)
+        if alias is None:
+            raise NotFoundError(f"Alias {name} does not exist.")
+        return alias.target_key_id
+
+    def _enable_key_rotation(self, cmd: fsm.Command) -> str:
+        c = cmd.enable_key_rotation
+        key = self._checked(c.key_id, "EnableKeyRotation")
+        _require_rotatable(key)
+        key.rotation_enabled = True
+        key.rotation_period_in_days = c.rotation_period_in_days
+        key.next_rotation_ms = cmd.now_ms + c.rotation_period_in_days * DAY_MS
+        return key.key_id
+
+    def _disable_key_rotation(self, cmd: fsm.Command) -> str:
+        key = self._checked(cmd.disable_key_rotation.key_id, "DisableKeyRotation")
+        _require_rotatable(key)
+        key.rotation_enabled = False
+        key.next_rotation_ms = 0
+        return key.key_id
+
+    def _rotate_key(self, cmd: fsm.Command) -> str:
+        c = cmd.rotate_key
+        key = self._checked(c.key_id, "RotateKeyOnDemand")
+        _require_rotatable(key)
+        newest = key.materials[-1].version
+        if c.version != newest + 1:
+            raise ConflictError(
+                f"Key '{c.key_id}' was rotated concurrently (now at version {newest}); retry."
+            )
+        if c.rotation_type == res.ROTATION_TYPE_ON_DEMAND:
+            if key.on_demand_rotations >= MAX_ON_DEMAND_ROTATIONS:
+                raise LimitExceededError(
+                    f"Key '{c.key_id}' has had {MAX_ON_DEMAND_ROTATIONS} on-demand rotations,"
+                    " the most allowed."
+                )
+            key.on_demand_rotations += 1
+        elif key.rotation_enabled:
+            key.next_rotation_ms = cmd.now_ms + key.rotation_period_in_days * DAY_MS
+        else:
+            raise ConflictError(f"Automatic rotation of key '{c.key_id}' was turned off.")
+        key.materials.append(
+            fsm.KeyMaterial(
+                version=c.version,
+                wrapped_material=c.wrapped_material,
+                create_ms=cmd.now_ms,
+                rotation_type=c.rotation_type,
+            )
+        )
+        return key.key_id
+
+    def _tag_resource(self, cmd: fsm.Command) -> str:
+        c = cmd.tag_resource
+        key = self._checked(c.key_id, "TagResource")
+        tags = {tag.tag_key: tag.tag_value for tag in key.tags}
+        tags.update((tag.tag_key, tag.tag_value) for tag in c.tags)
+        if len(tags) > MAX_TAGS_PER_KEY:
+            raise LimitExceededError(
+                f"Key '{c.key_id}' would have {len(tags)} tags; at most {MAX_TAGS_PER_KEY}."
+            )
+        _set_tags(key, tags)
+        return key.key_id
+
+    def _untag_resource(self, cmd: fsm.Command) -> str:
+        c = cmd.untag_resource
+        key = self._checked(c.key_id, "UntagResource")
+        removed = set(c.tag_keys)
+        _set_tags(key, {t.tag_key: t.tag_value for t in key.tags if t.tag_key not in removed})
+        return key.key_id
+
+    def _checked(self, key_id: str, operation: str) -> fsm.KeyRecord:
+        key = self._existing(key_id)
+        check_key_state(operation, key_id, key.key_state)
+        return key
+
+    def _expire_request_ids(self) -> None:
+        horizon = self._last_now_ms - DEDUPE_TTL_MS
+        while self._dedupe:
+            oldest = next(iter(self._dedupe.values()))
+            if oldest.applied_ms >= horizon:
+                break
+            self._dedupe.popitem(last=False)
+
+
+def _require_rotatable(key: fsm.KeyRecord) -> None:
+    if key.key_spec != res.KEY_SPEC_SYMMETRIC_DEFAULT or key.origin != res.ORIGIN_AWS_KMS:
+        raise UnsupportedOperationError(
+            f"Key '{key.key_id}' does not support rotation: only symmetric keys with"
+            " kmsd-generated material rotate."
+        )
+
+
+def _set_tags(key: fsm.KeyRecord, tags: dict[str, str]) -> None:
+    del key.tags[:]
+    key.tags.extend(res.Tag(tag_key=k, tag_value=v) for k, v in tags.items())
+
+
+def _rejected(error: KmsError) -> fsm.CommandResult:
+    field = ""
+    message = error.message
+    if isinstance(error, ValidationError):
+        field = error.violations[0].field
+        message = error.violations[0].description
+    return fsm.CommandResult(
+        error=fsm.CommandError(reason=error.reason, message=message, field=field)
+    )

@@ -1,0 +1,1 @@
+"""The KMS operations, independent of gRPC: validate, build commands, propose, read."""
