@@ -94,9 +94,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
             path=Path(raw.get("seal", {}).get("path", "root.key")),
         ),
         snapshot_every=raw.get("log", {}).get("snapshot_every", 10_000),
-        scheduler_interval_seconds=float(
-            raw.get("scheduler", {}).get("interval_seconds", 60.0)
-        ),
+        scheduler_interval_seconds=float(raw.get("scheduler", {}).get("interval_seconds", 60.0)),
     )
     validate(config)
     return config

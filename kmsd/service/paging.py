@@ -21,12 +21,21 @@ _VERSION = "m1"
 
 
 def page(
-    items: Sequence[T], sort_key: Callable[[T], str], listing: str, limit: int, marker: str
+    items: Sequence[T],
+    sort_key: Callable[[T], str],
+    listing: str,
+    limit: int,
+    marker: str,
+    *,
+    max_limit: int = MAX_LIMIT,
+    default_limit: int = DEFAULT_LIMIT,
 ) -> tuple[list[T], str]:
-    """One page of `items` (already in `sort_key` order) and the next marker ("" at the end)."""
-    if limit < 0 or limit > MAX_LIMIT:
-        raise ValidationError("limit", f"must be between 1 and {MAX_LIMIT}")
-    size = limit or DEFAULT_LIMIT
+    """One page of `items` (already in `sort_key` order) and the next marker ("" at the end).
+
+    `limit` 0 means the listing's default; AWS's per-listing ranges apply."""
+    if limit < 0 or limit > max_limit:
+        raise ValidationError("limit", f"must be between 1 and {max_limit}")
+    size = limit or default_limit
     start = 0
     if marker:
         after = _decode(marker, listing)

@@ -1,0 +1,1 @@
+"""The gRPC edge: servicers, error mapping and server construction. Nothing imports it."""

@@ -1,0 +1,171 @@
+"""KeyManagementService over gRPC: each RPC hands its request to `kmsd.service` and maps errors.
+
+Handlers are one line each on purpose: validation, commands and reads live in
+`kmsd.service`; the mapping of errors to `google.rpc.Status` lives in `status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, TypeVar
+
+import grpc
+from kms.v1 import kms_service_pb2 as pb
+from kms.v1 import kms_service_pb2_grpc as pb_grpc
+
+from kmsd.api.status import to_grpc_status
+from kmsd.errors import InternalError, KmsError
+from kmsd.service import aliases, crypto_ops, keys, rotation, tags
+from kmsd.service.context import Kms
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Ctx = grpc.aio.ServicerContext[object, object]
+
+
+async def _abort(context: Ctx, error: KmsError) -> NoReturn:
+    await context.abort_with_status(to_grpc_status(error))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
+    """Serves kms.v1.KeyManagementService from one node's `Kms`."""
+
+    def __init__(self, kms: Kms) -> None:
+        self._kms = kms
+
+    async def _call(
+        self,
+        operation: Callable[[Kms, Req], Awaitable[Resp]],
+        request: Req,
+        context: Ctx,
+    ) -> Resp:
+        try:
+            return await operation(self._kms, request)
+        except KmsError as error:
+            await _abort(context, error)
+        except Exception:
+            # The traceback names code, never request contents (which may be plaintext).
+            log.exception("internal error in %s", operation.__name__)
+            await _abort(context, InternalError("internal error"))
+
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: Ctx) -> pb.CreateKeyResponse:
+        return await self._call(keys.create_key, request, context)
+
+    async def DescribeKey(
+        self, request: pb.DescribeKeyRequest, context: Ctx
+    ) -> pb.DescribeKeyResponse:
+        return await self._call(keys.describe_key, request, context)
+
+    async def ListKeys(self, request: pb.ListKeysRequest, context: Ctx) -> pb.ListKeysResponse:
+        return await self._call(keys.list_keys, request, context)
+
+    async def UpdateKeyDescription(
+        self, request: pb.UpdateKeyDescriptionRequest, context: Ctx
+    ) -> pb.UpdateKeyDescriptionResponse:
+        return await self._call(keys.update_key_description, request, context)
+
+    async def EnableKey(self, request: pb.EnableKeyRequest, context: Ctx) -> pb.EnableKeyResponse:
+        return await self._call(keys.enable_key, request, context)
+
+    async def DisableKey(
+        self, request: pb.DisableKeyRequest, context: Ctx
+    ) -> pb.DisableKeyResponse:
+        return await self._call(keys.disable_key, request, context)
+
+    async def ScheduleKeyDeletion(
+        self, request: pb.ScheduleKeyDeletionRequest, context: Ctx
+    ) -> pb.ScheduleKeyDeletionResponse:
+        return await self._call(keys.schedule_key_deletion, request, context)
+
+    async def CancelKeyDeletion(
+        self, request: pb.CancelKeyDeletionRequest, context: Ctx
+    ) -> pb.CancelKeyDeletionResponse:
+        return await self._call(keys.cancel_key_deletion, request, context)
+
+    async def Encrypt(self, request: pb.EncryptRequest, context: Ctx) -> pb.EncryptResponse:
+        return await self._call(crypto_ops.encrypt, request, context)
+
+    async def Decrypt(self, request: pb.DecryptRequest, context: Ctx) -> pb.DecryptResponse:
+        return await self._call(crypto_ops.decrypt, request, context)
+
+    async def ReEncrypt(self, request: pb.ReEncryptRequest, context: Ctx) -> pb.ReEncryptResponse:
+        return await self._call(crypto_ops.re_encrypt, request, context)
+
+    async def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, context: Ctx
+    ) -> pb.GenerateDataKeyResponse:
+        return await self._call(crypto_ops.generate_data_key, request, context)
+
+    async def GenerateDataKeyWithoutPlaintext(
+        self, request: pb.GenerateDataKeyWithoutPlaintextRequest, context: Ctx
+    ) -> pb.GenerateDataKeyWithoutPlaintextResponse:
+        return await self._call(crypto_ops.generate_data_key_without_plaintext, request, context)
+
+    async def GenerateRandom(
+        self, request: pb.GenerateRandomRequest, context: Ctx
+    ) -> pb.GenerateRandomResponse:
+        return await self._call(crypto_ops.generate_random, request, context)
+
+    async def CreateAlias(
+        self, request: pb.CreateAliasRequest, context: Ctx
+    ) -> pb.CreateAliasResponse:
+        return await self._call(aliases.create_alias, request, context)
+
+    async def UpdateAlias(
+        self, request: pb.UpdateAliasRequest, context: Ctx
+    ) -> pb.UpdateAliasResponse:
+        return await self._call(aliases.update_alias, request, context)
+
+    async def DeleteAlias(
+        self, request: pb.DeleteAliasRequest, context: Ctx
+    ) -> pb.DeleteAliasResponse:
+        return await self._call(aliases.delete_alias, request, context)
+
+    async def ListAliases(
+        self, request: pb.ListAliasesRequest, context: Ctx
+    ) -> pb.ListAliasesResponse:
+        return await self._call(aliases.list_aliases, request, context)
+
+    async def EnableKeyRotation(
+        self, request: pb.EnableKeyRotationRequest, context: Ctx
+    ) -> pb.EnableKeyRotationResponse:
+        return await self._call(rotation.enable_key_rotation, request, context)
+
+    async def DisableKeyRotation(
+        self, request: pb.DisableKeyRotationRequest, context: Ctx
+    ) -> pb.DisableKeyRotationResponse:
+        return await self._call(rotation.disable_key_rotation, request, context)
+
+    async def GetKeyRotationStatus(
+        self, request: pb.GetKeyRotationStatusRequest, context: Ctx
+    ) -> pb.GetKeyRotationStatusResponse:
+        return await self._call(rotation.get_key_rotation_status, request, context)
+
+    async def RotateKeyOnDemand(
+        self, request: pb.RotateKeyOnDemandRequest, context: Ctx
+    ) -> pb.RotateKeyOnDemandResponse:
+        return await self._call(rotation.rotate_key_on_demand, request, context)
+
+    async def ListKeyRotations(
+        self, request: pb.ListKeyRotationsRequest, context: Ctx
+    ) -> pb.ListKeyRotationsResponse:
+        return await self._call(rotation.list_key_rotations, request, context)
+
+    async def TagResource(
+        self, request: pb.TagResourceRequest, context: Ctx
+    ) -> pb.TagResourceResponse:
+        return await self._call(tags.tag_resource, request, context)
+
+    async def UntagResource(
+        self, request: pb.UntagResourceRequest, context: Ctx
+    ) -> pb.UntagResourceResponse:
+        return await self._call(tags.untag_resource, request, context)
+
+    async def ListResourceTags(
+        self, request: pb.ListResourceTagsRequest, context: Ctx
+    ) -> pb.ListResourceTagsResponse:
+        return await self._call(tags.list_resource_tags, request, context)

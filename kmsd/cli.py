@@ -1,0 +1,83 @@
+"""The `kmsd` command: `kmsd serve --config FILE` and `kmsd dev`.
+
+`kmsd dev` runs a node with embedded defaults on loopback, data under a
+directory it names (`.kmsd-dev` by default), for trying kmsd out and for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from kmsd.app import DataDirLocked, Node
+from kmsd.config import Config, ConfigError, config_from_dict, load_config
+from kmsd.errors import StorageCorruptedError
+
+DEV_PORT = 7400
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kmsd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a node from a TOML config file")
+    serve.add_argument("--config", required=True, type=Path, help="path to the TOML config")
+    dev = sub.add_parser("dev", help="run a local node with embedded defaults on loopback")
+    dev.add_argument("--data-dir", type=Path, default=Path(".kmsd-dev"), help="data directory")
+    dev.add_argument("--port", type=int, default=DEV_PORT, help="client port on 127.0.0.1")
+    dev.add_argument(
+        "--scheduler-interval", type=float, default=5.0, help="seconds between scheduler passes"
+    )
+    return parser
+
+
+def _dev_config(args: argparse.Namespace) -> Config:
+    return config_from_dict(
+        {
+            "node": {"data_dir": str(args.data_dir.resolve()), "listen": f"127.0.0.1:{args.port}"},
+            "scheduler": {"interval_seconds": args.scheduler_interval},
+        }
+    )
+
+
+async def _run(config: Config, announce: bool) -> int:
+    node = Node(config)
+    await node.start()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, node.request_stop)
+    if announce:
+        endpoint = f"127.0.0.1:{node.port}"
+        print(
+            f"kmsd dev: serving on {endpoint} (data in {config.data_dir})\n"
+            f"  try:  kmsctl --endpoint {endpoint} create-key --description demo\n"
+            f"  stop: Ctrl-C",
+            flush=True,
+        )
+    return await node.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config) if args.command == "serve" else _dev_config(args)
+    except ConfigError as error:
+        print(f"kmsd: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_run(config, announce=args.command == "dev"))
+    except (StorageCorruptedError, DataDirLocked, OSError, ValueError) as error:
+        print(f"kmsd: cannot start: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
