@@ -119,6 +119,7 @@ class SingleNodeLog:
         self._applied_index = 0
         self._snapshot_index = 0
         self._compact_to: int | None = None
+        self._released = False
 
     # -- CommandLog ---------------------------------------------------------------
 
@@ -148,7 +149,9 @@ class SingleNodeLog:
         """Stops accepting proposals, fails queued ones with UnavailableError, lets an
         in-flight write finish (its entries are durable, so they are applied and
         answered) and closes the files. Idempotent."""
-        if self._state in (_State.NEW, _State.STARTING):
+        if self._state is _State.STARTING:
+            raise RuntimeError("stop() called while start() is running")
+        if self._state is _State.NEW:
             self._state = _State.STOPPED
             await self._release()
             return
@@ -285,7 +288,8 @@ class SingleNodeLog:
                 if batch:
                     await self._commit(batch)
                     continue
-                if self._state is not _State.RUNNING:
+                if self._state is not _State.RUNNING and self._snapshot_task is None:
+                    # Stopping: a snapshot still being written will want its compaction.
                     return
                 await self._wakeup.wait()
                 self._wakeup.clear()
@@ -434,6 +438,9 @@ class SingleNodeLog:
             self._state = _State.STOPPED
 
     async def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         if self._wal is not None:
             await asyncio.get_running_loop().run_in_executor(self._wal_io, self._wal.close)
         self._wal_io.shutdown(wait=True)
