@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
@@ -18,10 +19,11 @@ from kmsd.api.status import to_grpc_status
 from kmsd.errors import InternalError, KmsError
 from kmsd.service import aliases, crypto_ops, keys, rotation, tags
 from kmsd.service.context import Kms
+from kmsd.service.validate import known_enum_values
 
 log = logging.getLogger(__name__)
 
-Req = TypeVar("Req")
+Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -44,6 +46,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         context: Ctx,
     ) -> Resp:
         try:
+            known_enum_values(request)
             return await operation(self._kms, request)
         except KmsError as error:
             await _abort(context, error)

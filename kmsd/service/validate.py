@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from google.protobuf.message import Message
 from kms.v1 import resources_pb2 as res
 
 from kmsd.crypto.ciphertext import MAX_CIPHERTEXT, MAX_PLAINTEXT
@@ -85,3 +86,25 @@ def tag_key(value: str, field: str = "tag_keys") -> None:
 def in_range(field: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise ValidationError(field, f"must be between {low} and {high} (got {value})")
+
+
+# Per message type: (field name, enum name, defined numbers, repeated).
+_ENUM_FIELDS: dict[str, list[tuple[str, str, frozenset[int], bool]]] = {}
+
+
+def known_enum_values(message: Message) -> None:
+    """Refuses enum values the API does not define (proto3 keeps unknown numbers)."""
+    descriptor = message.DESCRIPTOR
+    fields = _ENUM_FIELDS.get(descriptor.full_name)
+    if fields is None:
+        fields = [
+            (f.name, f.enum_type.name, frozenset(f.enum_type.values_by_number), f.is_repeated)
+            for f in descriptor.fields
+            if f.enum_type is not None
+        ]
+        _ENUM_FIELDS[descriptor.full_name] = fields
+    for name, enum_name, defined, repeated in fields:
+        value = getattr(message, name)
+        for number in value if repeated else (value,):
+            if number not in defined:
+                raise ValidationError(name, f"{number} is not a {enum_name} value")
