@@ -87,9 +87,16 @@ class KeyStore:
         self._expire_request_ids()
         digest = b""
         if cmd.request_id:
-            digest = hashlib.sha256(
-                getattr(cmd, kind).SerializeToString(deterministic=True)
-            ).digest()
+            # Without a request digest, the kind is hashed too: EnableKey{k} and
+            # DisableKey{k} serialize alike.
+            digest = (
+                cmd.request_digest
+                or hashlib.sha256(
+                    kind.encode()
+                    + b"\x00"
+                    + getattr(cmd, kind).SerializeToString(deterministic=True)
+                ).digest()
+            )
             seen = self._dedupe.get(cmd.request_id)
             if seen is not None:
                 if seen.command_digest != digest:
@@ -135,6 +142,11 @@ class KeyStore:
     def key(self, key_id: str) -> fsm.KeyRecord | None:
         """The key with this UUID, or None. The record must not be modified."""
         return self._keys.get(key_id)
+
+    def remembered(self, request_id: str) -> fsm.DedupeEntry | None:
+        """The first result of `request_id` while it is remembered, or None. The entry
+        must not be modified."""
+        return self._dedupe.get(request_id) if request_id else None
 
     def alias(self, alias_name: str) -> fsm.AliasRecord | None:
         """The alias with this exact name, or None."""

@@ -23,7 +23,7 @@ def _target(kms: Kms, target_key_id: str) -> str:
 async def create_alias(kms: Kms, request: pb.CreateAliasRequest) -> pb.CreateAliasResponse:
     validate.request_id(request.request_id)
     validate_alias_name(request.alias_name)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.create_alias.CopyFrom(
         fsm.CreateAlias(
             alias_name=request.alias_name, target_key_id=_target(kms, request.target_key_id)
@@ -36,7 +36,7 @@ async def create_alias(kms: Kms, request: pb.CreateAliasRequest) -> pb.CreateAli
 async def update_alias(kms: Kms, request: pb.UpdateAliasRequest) -> pb.UpdateAliasResponse:
     validate.request_id(request.request_id)
     validate_alias_name(request.alias_name)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.update_alias.CopyFrom(
         fsm.UpdateAlias(
             alias_name=request.alias_name, target_key_id=_target(kms, request.target_key_id)
@@ -49,7 +49,7 @@ async def update_alias(kms: Kms, request: pb.UpdateAliasRequest) -> pb.UpdateAli
 async def delete_alias(kms: Kms, request: pb.DeleteAliasRequest) -> pb.DeleteAliasResponse:
     validate.request_id(request.request_id)
     validate_alias_name(request.alias_name)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.delete_alias.alias_name = request.alias_name
     committed = await kms.propose(command)
     return pb.DeleteAliasResponse(commit_index=committed.commit_index)

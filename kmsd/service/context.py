@@ -7,11 +7,14 @@ node's state is fresh enough to answer a read.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.clock import Clock
@@ -21,6 +24,14 @@ from kmsd.errors import InternalError, error_from_reason
 from kmsd.fsm.store import KeyStore
 from kmsd.log.base import CommandLog
 from kmsd.service.names import Names
+
+
+def request_digest(request: Message) -> bytes:
+    """SHA-256 of the RPC's request type and its bytes without the request_id."""
+    unkeyed = copy.copy(request)
+    unkeyed.ClearField("request_id")
+    body = unkeyed.SerializeToString(deterministic=True)
+    return hashlib.sha256(request.DESCRIPTOR.full_name.encode() + b"\x00" + body).digest()
 
 
 @dataclass(frozen=True)
@@ -73,9 +84,15 @@ class Kms:
     def __post_init__(self) -> None:
         self.materials = MaterialCache(self.seal)
 
-    def command(self, request_id: str = "", principal: str = "") -> fsm.Command:
-        """A new command stamped with this node's clock."""
-        return fsm.Command(request_id=request_id, now_ms=self.clock.now_ms(), principal=principal)
+    def command(self, request: Message | None = None, principal: str = "") -> fsm.Command:
+        """A new command stamped with this node's clock, carrying the request's
+        request_id and a digest of the request, so a retry is recognised."""
+        command = fsm.Command(now_ms=self.clock.now_ms(), principal=principal)
+        request_id = getattr(request, "request_id", "") if request is not None else ""
+        if request is not None and request_id:
+            command.request_id = request_id
+            command.request_digest = request_digest(request)
+        return command
 
     def new_wrapped_material(self, key_id: str, version: int) -> bytes:
         """Fresh symmetric material for `version` of `key_id`, wrapped by the seal."""
@@ -91,7 +108,10 @@ class Kms:
             raise InternalError("the state machine returned no result")
         if result.HasField("error"):
             raise error_from_reason(result.error.reason, result.error.message, result.error.field)
-        return Committed(key_id=result.key_id, commit_index=applied.index)
+        # A retried request_id answers with the index its first attempt was committed at.
+        first = self.store.remembered(command.request_id)
+        index = first.index if first is not None else applied.index
+        return Committed(key_id=result.key_id, commit_index=index)
 
     async def read(self, min_commit_index: int = 0) -> None:
         """Waits until reading the local store is linearizable and covers min_commit_index."""

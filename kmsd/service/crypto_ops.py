@@ -149,6 +149,9 @@ async def re_encrypt(kms: Kms, request: pb.ReEncryptRequest) -> pb.ReEncryptResp
     )
     _algorithm("source_encryption_algorithm", request.source_encryption_algorithm)
     _algorithm("destination_encryption_algorithm", request.destination_encryption_algorithm)
+    if not (request.dry_run and _ignore_ciphertext(request.dry_run_modifiers)):
+        # Input limits are checked before any key is looked up, as for every other field.
+        validate.ciphertext(request.ciphertext_blob)
     await kms.read(request.min_commit_index)
     destination = kms.names.resolve(kms.store, request.destination_key_id, "destination_key_id")
     destination_arn = _usable(kms, destination, "ReEncrypt")

@@ -9,7 +9,13 @@ from kms.fsm.v1 import commands_pb2 as fsm
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
-from kmsd.errors import InternalError, UnsupportedOperationError, ValidationError
+from kmsd.errors import (
+    InternalError,
+    LimitExceededError,
+    UnsupportedOperationError,
+    ValidationError,
+)
+from kmsd.fsm.store import MAX_TAGS_PER_KEY
 from kmsd.service import validate
 from kmsd.service.context import Kms
 from kmsd.service.paging import page
@@ -19,9 +25,16 @@ DEFAULT_PENDING_WINDOW_DAYS = 30
 
 
 def _unsupported_create_options(request: pb.CreateKeyRequest) -> None:
-    if request.key_spec not in (res.KEY_SPEC_UNSPECIFIED, res.KEY_SPEC_SYMMETRIC_DEFAULT):
+    # customer_master_key_spec is AWS's deprecated synonym of key_spec: either may be given.
+    if request.key_spec and request.customer_master_key_spec not in (
+        res.KEY_SPEC_UNSPECIFIED,
+        request.key_spec,
+    ):
+        raise ValidationError("customer_master_key_spec", "must equal key_spec when both are set")
+    key_spec = request.key_spec or request.customer_master_key_spec
+    if key_spec not in (res.KEY_SPEC_UNSPECIFIED, res.KEY_SPEC_SYMMETRIC_DEFAULT):
         raise UnsupportedOperationError(
-            f"key_spec {res.KeySpec.Name(request.key_spec)} is not supported yet;"
+            f"key_spec {res.KeySpec.Name(key_spec)} is not supported yet;"
             " only KEY_SPEC_SYMMETRIC_DEFAULT is."
         )
     if request.key_usage not in (res.KEY_USAGE_UNSPECIFIED, res.KEY_USAGE_ENCRYPT_DECRYPT):
@@ -31,8 +44,6 @@ def _unsupported_create_options(request: pb.CreateKeyRequest) -> None:
             f"origin {res.Origin.Name(request.origin)} is not supported yet;"
             " only ORIGIN_AWS_KMS is."
         )
-    if request.customer_master_key_spec not in (res.KEY_SPEC_UNSPECIFIED, request.key_spec):
-        raise ValidationError("customer_master_key_spec", "is deprecated; use key_spec alone")
     # Key policies are not enforced yet: storing one would promise protection kmsd
     # does not give, so it is refused until policies are evaluated.
     for name in ("policy", "bypass_policy_lockout_safety_check"):
@@ -48,8 +59,12 @@ async def create_key(kms: Kms, request: pb.CreateKeyRequest) -> pb.CreateKeyResp
     validate.description(request.description)
     _unsupported_create_options(request)
     validate.tags(request.tags)
+    if len(request.tags) > MAX_TAGS_PER_KEY:
+        raise LimitExceededError(
+            f"A key may have at most {MAX_TAGS_PER_KEY} tags; {len(request.tags)} were given."
+        )
     key_id = str(uuid.UUID(bytes=kms.rng(16), version=4))
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.create_key.CopyFrom(
         fsm.CreateKey(
             key_id=key_id,
@@ -99,7 +114,7 @@ async def update_key_description(
     kms: Kms, request: pb.UpdateKeyDescriptionRequest
 ) -> pb.UpdateKeyDescriptionResponse:
     validate.description(request.description)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.update_key_description.CopyFrom(
         fsm.UpdateKeyDescription(
             key_id=await _key_id(kms, request.key_id, request.request_id),
@@ -111,14 +126,14 @@ async def update_key_description(
 
 
 async def enable_key(kms: Kms, request: pb.EnableKeyRequest) -> pb.EnableKeyResponse:
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.enable_key.key_id = await _key_id(kms, request.key_id, request.request_id)
     committed = await kms.propose(command)
     return pb.EnableKeyResponse(commit_index=committed.commit_index)
 
 
 async def disable_key(kms: Kms, request: pb.DisableKeyRequest) -> pb.DisableKeyResponse:
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.disable_key.key_id = await _key_id(kms, request.key_id, request.request_id)
     committed = await kms.propose(command)
     return pb.DisableKeyResponse(commit_index=committed.commit_index)
@@ -129,7 +144,7 @@ async def schedule_key_deletion(
 ) -> pb.ScheduleKeyDeletionResponse:
     window = request.pending_window_in_days or DEFAULT_PENDING_WINDOW_DAYS
     validate.in_range("pending_window_in_days", window, 7, 30)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.schedule_key_deletion.CopyFrom(
         fsm.ScheduleKeyDeletion(
             key_id=await _key_id(kms, request.key_id, request.request_id),
@@ -151,7 +166,7 @@ async def schedule_key_deletion(
 async def cancel_key_deletion(
     kms: Kms, request: pb.CancelKeyDeletionRequest
 ) -> pb.CancelKeyDeletionResponse:
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.cancel_key_deletion.key_id = await _key_id(kms, request.key_id, request.request_id)
     committed = await kms.propose(command)
     return pb.CancelKeyDeletionResponse(

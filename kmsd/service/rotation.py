@@ -24,7 +24,7 @@ async def enable_key_rotation(
     validate.request_id(request.request_id)
     period = request.rotation_period_in_days or DEFAULT_ROTATION_PERIOD_DAYS
     validate.in_range("rotation_period_in_days", period, 90, 2560)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.enable_key_rotation.CopyFrom(
         fsm.EnableKeyRotation(
             key_id=kms.names.resolve(kms.store, request.key_id).key_id,
@@ -39,7 +39,7 @@ async def disable_key_rotation(
     kms: Kms, request: pb.DisableKeyRotationRequest
 ) -> pb.DisableKeyRotationResponse:
     validate.request_id(request.request_id)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.disable_key_rotation.key_id = kms.names.resolve(kms.store, request.key_id).key_id
     committed = await kms.propose(command)
     return pb.DisableKeyRotationResponse(commit_index=committed.commit_index)
@@ -65,7 +65,7 @@ async def rotate_key_on_demand(
     validate.request_id(request.request_id)
     key = kms.names.resolve(kms.store, request.key_id)
     version = key.materials[-1].version + 1
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.rotate_key.CopyFrom(
         fsm.RotateKey(
             key_id=key.key_id,
@@ -86,7 +86,9 @@ async def list_key_rotations(
     await kms.read(request.min_commit_index)
     key = kms.names.resolve(kms.store, request.key_id)
     key_uuid = uuid.UUID(key.key_id)
-    rotations = [m for m in key.materials if m.version > 1]
+    # ALL_KEY_MATERIAL lists the key's first material too; the default lists rotations only.
+    everything = request.include_key_material == pb.INCLUDE_KEY_MATERIAL_ALL_KEY_MATERIAL
+    rotations = [m for m in key.materials if everything or m.version > 1]
     chosen, next_marker = page(
         rotations,
         lambda m: f"{m.version:010d}",

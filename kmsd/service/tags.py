@@ -16,7 +16,7 @@ async def tag_resource(kms: Kms, request: pb.TagResourceRequest) -> pb.TagResour
     if not request.tags:
         raise ValidationError("tags", "at least one tag is required")
     validate.tags(request.tags)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.tag_resource.CopyFrom(
         fsm.TagResource(
             key_id=kms.names.resolve(kms.store, request.key_id).key_id, tags=request.tags
@@ -32,7 +32,7 @@ async def untag_resource(kms: Kms, request: pb.UntagResourceRequest) -> pb.Untag
         raise ValidationError("tag_keys", "at least one tag key is required")
     for tag_key in request.tag_keys:
         validate.tag_key(tag_key)
-    command = kms.command(request.request_id)
+    command = kms.command(request)
     command.untag_resource.CopyFrom(
         fsm.UntagResource(
             key_id=kms.names.resolve(kms.store, request.key_id).key_id,

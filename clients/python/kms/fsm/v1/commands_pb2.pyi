@@ -36,6 +36,7 @@ class Command(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     NOW_MS_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
     CREATE_KEY_FIELD_NUMBER: _builtins.int
     UPDATE_KEY_DESCRIPTION_FIELD_NUMBER: _builtins.int
     ENABLE_KEY_FIELD_NUMBER: _builtins.int
@@ -61,6 +62,12 @@ class Command(_message.Message):
     """
     principal: _builtins.str
     """The authenticated caller, for the record. Empty when unauthenticated."""
+    request_digest: _builtins.bytes
+    """SHA-256 of the client's request (RPC name and request bytes, request_id
+    cleared). A request_id seen before with another digest is refused; with
+    the same digest it returns the first result, even though the proposer chose
+    new key ids or material for the retry.
+    """
     @_builtins.property
     def create_key(self) -> Global___CreateKey:
         """Create a key."""
@@ -127,6 +134,7 @@ class Command(_message.Message):
         request_id: _builtins.str = ...,
         now_ms: _builtins.int = ...,
         principal: _builtins.str = ...,
+        request_digest: _builtins.bytes = ...,
         create_key: Global___CreateKey | None = ...,
         update_key_description: Global___UpdateKeyDescription | None = ...,
         enable_key: Global___EnableKey | None = ...,
@@ -145,7 +153,7 @@ class Command(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "request_id", b"request_id", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "request_digest", b"request_digest", "request_id", b"request_id", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["create_key", "update_key_description", "enable_key", "disable_key", "schedule_key_deletion", "cancel_key_deletion", "delete_key", "create_alias", "update_alias", "delete_alias", "enable_key_rotation", "disable_key_rotation", "rotate_key", "tag_resource", "untag_resource"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -787,7 +795,7 @@ class DedupeEntry(_message.Message):
     request_id: _builtins.str
     """The request_id."""
     command_digest: _builtins.bytes
-    """SHA-256 of the command's kind, to refuse reuse with other parameters."""
+    """The request_digest of the first command, to refuse reuse with other parameters."""
     index: _builtins.int
     """The log index the first command was applied at."""
     applied_ms: _builtins.int
