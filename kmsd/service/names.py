@@ -57,24 +57,30 @@ class Names:
         if key_ref.startswith("alias/"):
             alias = store.alias(key_ref)
             if alias is None:
-                raise NotFoundError(f"Alias '{self.alias_arn(key_ref)}' is not found.")
+                raise NotFoundError(f"Alias '{_echo(self.alias_arn(key_ref))}' is not found.")
             return alias.target_key_id
         if key_ref.startswith("key/"):
             key_ref = key_ref[len("key/") :]
         if not is_key_id(key_ref):
-            raise NotFoundError(f"Invalid keyId '{key_ref}'.")
+            raise NotFoundError(f"Invalid keyId '{_echo(key_ref)}'.")
         return key_ref
 
     def _strip_arn(self, arn: str, field: str) -> str:
         parts = arn.split(":", 5)
         if len(parts) != 6 or parts[1] != "aws" or parts[2] != "kms":
-            raise InvalidArnError(field, f"'{arn}' is not a KMS key or alias ARN")
+            raise InvalidArnError(field, f"'{_echo(arn)}' is not a KMS key or alias ARN")
         if parts[3] != self.region or parts[4] != self.account:
-            raise NotFoundError(f"'{arn}' names a key in another region or account.")
+            raise NotFoundError(f"'{_echo(arn)}' names a key in another region or account.")
         resource = parts[5]
         if not resource.startswith(("key/", "alias/")):
-            raise InvalidArnError(field, f"'{arn}' is not a KMS key or alias ARN")
+            raise InvalidArnError(field, f"'{_echo(arn)}' is not a KMS key or alias ARN")
         return resource
+
+
+def _echo(text: str, limit: int = 120) -> str:
+    """Caller input quoted in an error, shortened: a 2048-character id echoed whole
+    (twice, in the message and the status details) can overflow gRPC's metadata limit."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def is_key_id(text: str) -> bool:
