@@ -7,7 +7,7 @@ final per-node key sets to `check_acknowledged_present`. See docs/checking.md.
 Only the standard library is used, so the checker can run anywhere a history is.
 """
 
-from kmsd.checker.durability import check_acknowledged_present
+from kmsd.checker.durability import SetCheck, check_acknowledged_present, classify
 from kmsd.checker.history import (
     UNKNOWN,
     Handle,
@@ -31,8 +31,10 @@ __all__ = [
     "Operation",
     "PartitionResult",
     "RegisterModel",
+    "SetCheck",
     "check",
     "check_acknowledged_present",
+    "classify",
     "from_jsonl",
     "to_jsonl",
 ]

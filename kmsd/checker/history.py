@@ -122,6 +122,14 @@ def _from_jsonable(value: object) -> object:
     return value
 
 
+def _freeze(value: object) -> object:
+    # Lists become tuples when recorded, as they do when loaded from JSON, so a
+    # history compares equal to its saved copy and its values stay hashable.
+    if isinstance(value, tuple | list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
 def to_jsonl(history: Iterable[Operation], path: str | Path) -> None:
     """Writes one JSON object per line, so a failed chaos run can be re-checked later."""
     with open(path, "w", encoding="utf-8") as out:
@@ -187,7 +195,7 @@ class HistoryRecorder:
     def invoke(self, client_id: int, op: str, args: Sequence[object] = ()) -> Handle:
         """Call just before sending the request."""
         with self._lock:
-            self._slots.append(_Pending(client_id, op, tuple(args), self._now()))
+            self._slots.append(_Pending(client_id, op, tuple(map(_freeze, args)), self._now()))
             self._open += 1
             return Handle(len(self._slots) - 1)
 
@@ -202,7 +210,7 @@ class HistoryRecorder:
                 args=pending.args,
                 call=pending.call,
                 ret=None if ok is None else self._now(),
-                output=output,
+                output=_freeze(output),
                 ok=ok,
             )
             self._slots[handle.index] = operation
@@ -210,7 +218,10 @@ class HistoryRecorder:
             return operation
 
     def complete(self, handle: Handle, output: object) -> Operation:
-        """Call just after the answer arrived; `output` is a value or AWS error name."""
+        """Call just after the answer arrived; `output` is a value or AWS error name.
+
+        Lists in `output` (and in `args`, at `invoke`) are stored as tuples.
+        """
         return self._finish(handle, output, True)
 
     def fail(self, handle: Handle, error: object) -> Operation:

@@ -82,7 +82,7 @@ class CheckResult:
         checked = len(self.partitions)
         ops = sum(len(p.operations) for p in self.partitions)
         head = (
-            f"{ops} operations in {checked} partitions, {len(self.dropped)} dropped, "
+            f"{ops} operations in {checked} partition(s), {len(self.dropped)} dropped, "
             f"checked in {self.elapsed_s:.3f}s: "
         )
         if self.ok:
@@ -125,17 +125,20 @@ def check(
             continue
         partitions.setdefault(key, []).append(operation)
 
-    origin = min((ops[0].call for ops in partitions.values()), default=0)
-    results: list[PartitionResult] = []
-    for key, ops in partitions.items():
+    origin = min((o.call for ops in partitions.values() for o in ops), default=0)
+    results: dict[Hashable | None, PartitionResult] = {}
+    # Smallest first: one huge partition that eats the budget must not hide a
+    # violation in the others.
+    for key, ops in sorted(partitions.items(), key=lambda item: len(item[1])):
         if deadline is not None and time.monotonic() > deadline:
-            results.append(_undecided(key, ops, 0))
-            continue
-        results.append(_check_partition(key, ops, model, deadline, origin))
+            results[key] = _undecided(key, ops, 0)
+        else:
+            results[key] = _check_partition(key, ops, model, deadline, origin)
 
-    verdicts = {r.ok for r in results}
+    ordered = tuple(results[key] for key in partitions)
+    verdicts = {r.ok for r in ordered}
     ok = False if False in verdicts else None if None in verdicts else True
-    return CheckResult(ok, tuple(results), tuple(dropped), time.monotonic() - started)
+    return CheckResult(ok, ordered, tuple(dropped), time.monotonic() - started)
 
 
 def _undecided(key: Hashable | None, ops: Sequence[Operation], explored: int) -> PartitionResult:
@@ -189,7 +192,7 @@ def _search(
         [(o.call, 0, i) for i, o in enumerate(ops)]
         + [(o.ret_or_inf, 1, i) for i, o in enumerate(ops)]
     )
-    # Node 0 is the list head; event k is node k + 1. A next pointer of 0 is the end,
+    # Node 0 is the list head; the k-th event is node k. A next pointer of 0 is the end,
     # since nothing ever links back to the head. Calls sort before returns at equal
     # times, so touching intervals count as concurrent (the permissive reading).
     size = 2 * n + 1
