@@ -185,6 +185,10 @@ class _Replay:
             self.hard_state = record.hard_state
         elif kind == "snapshot":
             self.snapshot = record.snapshot
+            if record.snapshot.replaces_log:
+                # An installed snapshot voids the whole log before it.
+                self.entries = []
+                self.expected = record.snapshot.index + 1
         else:
             index = record.entry.index
             if index == 0 or index > self.expected:
@@ -331,6 +335,8 @@ class Wal:
             elif kind == "snapshot":
                 snapshot = wal_pb2.SnapshotMarker()
                 snapshot.CopyFrom(record.snapshot)
+                if snapshot.replaces_log:
+                    last_index = snapshot.index
             else:
                 raise ValueError("WalRecord has no record set")
             encoded += frame(record.SerializeToString())
@@ -409,7 +415,10 @@ class Wal:
         if self._hard_state is not None:
             carried += frame(wal_pb2.WalRecord(hard_state=self._hard_state).SerializeToString())
         if self._snapshot is not None:
-            carried += frame(wal_pb2.WalRecord(snapshot=self._snapshot).SerializeToString())
+            # Carried only as a reminder of the snapshot: it must not void the entries
+            # that earlier segments hold after an installed snapshot.
+            marker = wal_pb2.SnapshotMarker(index=self._snapshot.index, term=self._snapshot.term)
+            carried += frame(wal_pb2.WalRecord(snapshot=marker).SerializeToString())
         if carried:
             write_all(fd, carried)
             self._size = len(carried)

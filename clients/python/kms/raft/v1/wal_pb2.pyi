@@ -18,8 +18,10 @@ uint32-LE length ‖ uint32-LE CRC32C(payload) ‖ payload; a snapshot file is
 magic ‖ uint64-LE length ‖ uint32-LE CRC32C(body) ‖ body (a SnapshotFile).
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -134,19 +136,26 @@ class SnapshotMarker(_message.Message):
 
     INDEX_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
+    REPLACES_LOG_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The index of the last entry the snapshot includes."""
     term: _builtins.int
     """The term of that entry."""
+    replaces_log: _builtins.bool
+    """True for a snapshot installed from the leader: it replaces the whole log, so
+    every entry before this marker is void, including any after its index. False
+    for a node's own snapshot: entries after its index stay.
+    """
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         term: _builtins.int = ...,
+        replaces_log: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "replaces_log", b"replaces_log", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,23 +213,95 @@ class SnapshotFile(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CONF_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The index of the last log entry the snapshot includes."""
     term: _builtins.int
     """The term of that entry."""
     data: _builtins.bytes
     """The state machine's serialization (StateMachine.snapshot); never log it."""
+    @_builtins.property
+    def conf(self) -> Global___ConfState:
+        """The Raft configuration at `index` (empty for a single-node log)."""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
+        """Addresses of the members at `index`, by node id (empty for a single-node log)."""
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         term: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        conf: Global___ConfState | None = ...,
+        members: _abc.Iterable[Global___Member] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conf", b"conf"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conf", b"conf", "data", b"data", "index", b"index", "members", b"members", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotFile: _TypeAlias = SnapshotFile  # noqa: Y015
+
+@_typing.final
+class ConfState(_message.Message):
+    """The members of a Raft configuration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOTERS_FIELD_NUMBER: _builtins.int
+    LEARNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Voting members."""
+
+    @_builtins.property
+    def learners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Non-voting members (learners)."""
+
+    def __init__(
+        self,
+        *,
+        voters: _abc.Iterable[_builtins.int] | None = ...,
+        learners: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners", b"learners", "voters", b"voters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfState: _TypeAlias = ConfState  # noqa: Y015
+
+@_typing.final
+class Member(_message.Message):
+    """A cluster member and where to reach it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Node id, unique for all time."""
+    peer_address: _builtins.str
+    """host:port of its Raft peer service."""
+    client_address: _builtins.str
+    """host:port of its client API (for leader hints)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        peer_address: _builtins.str = ...,
+        client_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "id", b"id", "peer_address", b"peer_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Member: _TypeAlias = Member  # noqa: Y015
