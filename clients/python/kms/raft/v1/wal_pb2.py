@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kms/raft/v1/wal.proto\x12\x0bkms.raft.v1\"X\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.kms.raft.v1.EntryType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"7\n\tHardState\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0c\n\x04vote\x18\x02 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x04\"C\n\x0eSnapshotMarker\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x14\n\x0creplaces_log\x18\x03 \x01(\x08\"\x99\x01\n\tWalRecord\x12#\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x12.kms.raft.v1.EntryH\x00\x12,\n\nhard_state\x18\x02 \x01(\x0b\x32\x16.kms.raft.v1.HardStateH\x00\x12/\n\x08snapshot\x18\x03 \x01(\x0b\x32\x1b.kms.raft.v1.SnapshotMarkerH\x00\x42\x08\n\x06record\"\x85\x01\n\x0cSnapshotFile\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12$\n\x04\x63onf\x18\x04 \x01(\x0b\x32\x16.kms.raft.v1.ConfState\x12$\n\x07members\x18\x05 \x03(\x0b\x32\x13.kms.raft.v1.Member\"-\n\tConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\"B\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x03 \x01(\t*o\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTRY_TYPE_NORMAL\x10\x01\x12\x13\n\x0f\x45NTRY_TYPE_NOOP\x10\x02\x12\x1a\n\x16\x45NTRY_TYPE_CONF_CHANGE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kms/raft/v1/wal.proto\x12\x0bkms.raft.v1\"X\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.kms.raft.v1.EntryType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"7\n\tHardState\x12\x0c\n\x04term\x18\x01 \x01(\x04\x12\x0c\n\x04vote\x18\x02 \x01(\x04\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x04\"C\n\x0eSnapshotMarker\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x14\n\x0creplaces_log\x18\x03 \x01(\x08\"\x99\x01\n\tWalRecord\x12#\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x12.kms.raft.v1.EntryH\x00\x12,\n\nhard_state\x18\x02 \x01(\x0b\x32\x16.kms.raft.v1.HardStateH\x00\x12/\n\x08snapshot\x18\x03 \x01(\x0b\x32\x1b.kms.raft.v1.SnapshotMarkerH\x00\x42\x08\n\x06record\"9\n\x0cSnapshotFile\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x0c\n\x04term\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"l\n\x0f\x43lusterSnapshot\x12\r\n\x05state\x18\x01 \x01(\x0c\x12$\n\x04\x63onf\x18\x02 \x01(\x0b\x32\x16.kms.raft.v1.ConfState\x12$\n\x07members\x18\x03 \x03(\x0b\x32\x13.kms.raft.v1.Member\"-\n\tConfState\x12\x0e\n\x06voters\x18\x01 \x03(\x04\x12\x10\n\x08learners\x18\x02 \x03(\x04\"B\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x14\n\x0cpeer_address\x18\x02 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x03 \x01(\t*o\n\tEntryType\x12\x1a\n\x16\x45NTRY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTRY_TYPE_NORMAL\x10\x01\x12\x13\n\x0f\x45NTRY_TYPE_NOOP\x10\x02\x12\x1a\n\x16\x45NTRY_TYPE_CONF_CHANGE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kms.raft.v1.wal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYTYPE']._serialized_start=661
-  _globals['_ENTRYTYPE']._serialized_end=772
+  _globals['_ENTRYTYPE']._serialized_start=694
+  _globals['_ENTRYTYPE']._serialized_end=805
   _globals['_ENTRY']._serialized_start=38
   _globals['_ENTRY']._serialized_end=126
   _globals['_HARDSTATE']._serialized_start=128
@@ -41,10 +41,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOTMARKER']._serialized_end=252
   _globals['_WALRECORD']._serialized_start=255
   _globals['_WALRECORD']._serialized_end=408
-  _globals['_SNAPSHOTFILE']._serialized_start=411
-  _globals['_SNAPSHOTFILE']._serialized_end=544
-  _globals['_CONFSTATE']._serialized_start=546
-  _globals['_CONFSTATE']._serialized_end=591
-  _globals['_MEMBER']._serialized_start=593
-  _globals['_MEMBER']._serialized_end=659
+  _globals['_SNAPSHOTFILE']._serialized_start=410
+  _globals['_SNAPSHOTFILE']._serialized_end=467
+  _globals['_CLUSTERSNAPSHOT']._serialized_start=469
+  _globals['_CLUSTERSNAPSHOT']._serialized_end=577
+  _globals['_CONFSTATE']._serialized_start=579
+  _globals['_CONFSTATE']._serialized_end=624
+  _globals['_MEMBER']._serialized_start=626
+  _globals['_MEMBER']._serialized_end=692
 # @@protoc_insertion_point(module_scope)

@@ -213,38 +213,64 @@ class SnapshotFile(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    CONF_FIELD_NUMBER: _builtins.int
-    MEMBERS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The index of the last log entry the snapshot includes."""
     term: _builtins.int
     """The term of that entry."""
     data: _builtins.bytes
-    """The state machine's serialization (StateMachine.snapshot); never log it."""
-    @_builtins.property
-    def conf(self) -> Global___ConfState:
-        """The Raft configuration at `index` (empty for a single-node log)."""
-
-    @_builtins.property
-    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
-        """Addresses of the members at `index`, by node id (empty for a single-node log)."""
-
+    """The state machine's serialization (StateMachine.snapshot); for a Raft log, a
+    serialized ClusterSnapshot. Never log it.
+    """
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         term: _builtins.int = ...,
         data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotFile: _TypeAlias = SnapshotFile  # noqa: Y015
+
+@_typing.final
+class ClusterSnapshot(_message.Message):
+    """What a replicated log snapshots: the key store plus the cluster configuration,
+    so a node that installs it knows its peers. Also what leaders stream to followers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    CONF_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    state: _builtins.bytes
+    """The state machine's serialization (StateMachine.snapshot)."""
+    @_builtins.property
+    def conf(self) -> Global___ConfState:
+        """The Raft configuration at the snapshot's index."""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
+        """Where to reach each member, at the snapshot's index."""
+
+    def __init__(
+        self,
+        *,
+        state: _builtins.bytes = ...,
         conf: Global___ConfState | None = ...,
         members: _abc.Iterable[Global___Member] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conf", b"conf"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conf", b"conf", "data", b"data", "index", b"index", "members", b"members", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conf", b"conf", "members", b"members", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SnapshotFile: _TypeAlias = SnapshotFile  # noqa: Y015
+Global___ClusterSnapshot: _TypeAlias = ClusterSnapshot  # noqa: Y015
 
 @_typing.final
 class ConfState(_message.Message):
