@@ -216,9 +216,13 @@ class UnavailableError(KmsError):
     reason = "UNAVAILABLE"
     aws_exception = "KMSInternalException"
 
-    def __init__(self, message: str, retry_after_seconds: float = 0.1) -> None:
+    def __init__(
+        self, message: str, retry_after_seconds: float = 0.1, leader_address: str = ""
+    ) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        # Where the leader's client API is, when this node knows and is not it.
+        self.leader_address = leader_address
 
 
 class StorageCorruptedError(KmsError):

@@ -25,14 +25,11 @@ def _packed(message: object) -> any_pb2.Any:
 
 def to_rpc_status(error: KmsError) -> status_pb2.Status:
     """The google.rpc.Status for `error`."""
+    metadata = {"aws_exception": error.aws_exception}
+    if isinstance(error, UnavailableError) and error.leader_address:
+        metadata["leader_address"] = error.leader_address
     details = [
-        _packed(
-            error_details_pb2.ErrorInfo(
-                reason=error.reason,
-                domain=DOMAIN,
-                metadata={"aws_exception": error.aws_exception},
-            )
-        )
+        _packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))
     ]
     if isinstance(error, ValidationError):
         details.append(

@@ -66,9 +66,16 @@ class CommandLog(Protocol):
         """Appends `command`; returns once it is durable and applied."""
         ...
 
-    async def read_barrier(self) -> int:
+    async def read_barrier(self, allow_stale_s: float = 0.0) -> int:
         """Returns an index such that reading the state machine after it is applied
-        is linearizable; returns only once that index is applied locally."""
+        is linearizable; returns only once that index is applied locally. With
+        `allow_stale_s` > 0 a replica that heard from its leader within that many
+        seconds may answer from its applied state without a round trip."""
+        ...
+
+    async def wait_applied(self, index: int, timeout: float | None = None) -> None:
+        """Returns once `index` is applied locally (read-your-writes); raises
+        UnavailableError if that does not happen within the timeout."""
         ...
 
     def is_leader(self) -> bool:

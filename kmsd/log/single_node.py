@@ -171,11 +171,18 @@ class SingleNodeLog:
         self._wakeup.set()
         return await future
 
-    async def read_barrier(self) -> int:
+    async def read_barrier(self, allow_stale_s: float = 0.0) -> int:
         """The applied index. Every acknowledged proposal was applied before its answer,
-        so reading the state machine now is linearizable."""
+        so reading the state machine now is linearizable (staleness never arises)."""
+        del allow_stale_s
         self._check_running()
         return self._applied_index
+
+    async def wait_applied(self, index: int, timeout: float | None = None) -> None:
+        """Returns at once: everything this log committed is applied. An index beyond
+        it was not issued by this log, and waiting would not bring it."""
+        del index, timeout
+        self._check_running()
 
     def is_leader(self) -> bool:
         """Always True: a single node leads itself."""

@@ -13,11 +13,11 @@ from kmsd.service.paging import page
 from kmsd.service.views import alias_entry
 
 
-def _target(kms: Kms, target_key_id: str) -> str:
+async def _target(kms: Kms, target_key_id: str) -> str:
     # AWS: the target of an alias must be a key, named by key id or key ARN.
     if target_key_id.startswith("alias/") or ":alias/" in target_key_id:
         raise ValidationError("target_key_id", "must be a key id or key ARN, not an alias")
-    return kms.names.resolve(kms.store, target_key_id, "target_key_id").key_id
+    return (await kms.resolve_for_write(target_key_id, "target_key_id")).key_id
 
 
 async def create_alias(kms: Kms, request: pb.CreateAliasRequest) -> pb.CreateAliasResponse:
@@ -26,7 +26,7 @@ async def create_alias(kms: Kms, request: pb.CreateAliasRequest) -> pb.CreateAli
     command = kms.command(request)
     command.create_alias.CopyFrom(
         fsm.CreateAlias(
-            alias_name=request.alias_name, target_key_id=_target(kms, request.target_key_id)
+            alias_name=request.alias_name, target_key_id=await _target(kms, request.target_key_id)
         )
     )
     committed = await kms.propose(command)
@@ -39,7 +39,7 @@ async def update_alias(kms: Kms, request: pb.UpdateAliasRequest) -> pb.UpdateAli
     command = kms.command(request)
     command.update_alias.CopyFrom(
         fsm.UpdateAlias(
-            alias_name=request.alias_name, target_key_id=_target(kms, request.target_key_id)
+            alias_name=request.alias_name, target_key_id=await _target(kms, request.target_key_id)
         )
     )
     committed = await kms.propose(command)

@@ -79,6 +79,7 @@ class Kms:
     names: Names
     clock: Clock
     rng: Callable[[int], bytes] = os.urandom
+    max_staleness_s: float = 0.5
     materials: MaterialCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,9 +114,19 @@ class Kms:
         index = first.index if first is not None else applied.index
         return Committed(key_id=result.key_id, commit_index=index)
 
-    async def read(self, min_commit_index: int = 0) -> None:
-        """Waits until reading the local store is linearizable and covers min_commit_index."""
-        # The barrier covers every committed command, so it covers min_commit_index too
-        # whenever that index came from this cluster; a replicated log waits inside it.
-        del min_commit_index
-        await self.log.read_barrier()
+    async def resolve_for_write(self, key_ref: str, field: str = "key_id") -> fsm.KeyRecord:
+        """The key a mutation names, resolved on linearizable state (a follower that
+        lags must not answer NotFound for a key created a moment ago elsewhere)."""
+        await self.read()
+        return self.names.resolve(self.store, key_ref, field)
+
+    async def read(self, min_commit_index: int = 0, *, crypto: bool = False) -> None:
+        """Waits until reading the local store is fresh enough and covers min_commit_index.
+
+        Control-plane reads are linearizable (ReadIndex). Cryptographic operations may
+        use this node's applied state if it heard from the leader within
+        `max_staleness_s` (DESIGN.md §4), and go through ReadIndex otherwise, so a node
+        cut off from the majority refuses rather than serve stale key state."""
+        if min_commit_index:
+            await self.log.wait_applied(min_commit_index)
+        await self.log.read_barrier(self.max_staleness_s if crypto else 0.0)

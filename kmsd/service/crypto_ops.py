@@ -21,6 +21,8 @@ from kmsd.errors import (
     IncorrectKeyError,
     InvalidCiphertextError,
     InvalidKeyUsageError,
+    KmsError,
+    NotFoundError,
     UnsupportedOperationError,
     ValidationError,
 )
@@ -96,11 +98,42 @@ def _common(context: Mapping[str, str], grant_tokens: Sequence[str], field: str)
     validate.grant_tokens(grant_tokens)
 
 
+def _knows_key(kms: Kms, key_ref: str) -> bool:
+    try:
+        kms.names.resolve(kms.store, key_ref)
+    except NotFoundError:
+        return False
+    except KmsError:
+        return True  # malformed: the operation itself reports it
+    return True
+
+
+def _knows_material(kms: Kms, blob: bytes) -> bool:
+    try:
+        header = ciphertext.parse_header(blob)
+    except KmsError:
+        return True
+    key = kms.store.key(str(header.key_id))
+    return key is not None and header.material_version <= len(key.materials)
+
+
+async def _crypto_read(
+    kms: Kms, min_commit_index: int, key_refs: Sequence[str] = (), blob: bytes = b""
+) -> None:
+    """A bounded-staleness read; if this replica does not know a key or material version
+    the request names (created moments ago elsewhere), a linearizable read first."""
+    await kms.read(min_commit_index, crypto=True)
+    if any(ref and not _knows_key(kms, ref) for ref in key_refs) or (
+        blob and not _knows_material(kms, blob)
+    ):
+        await kms.read()
+
+
 async def encrypt(kms: Kms, request: pb.EncryptRequest) -> pb.EncryptResponse:
     validate.plaintext(request.plaintext)
     _common(request.encryption_context, request.grant_tokens, "encryption_context")
     _algorithm("encryption_algorithm", request.encryption_algorithm)
-    await kms.read(request.min_commit_index)
+    await _crypto_read(kms, request.min_commit_index, [request.key_id])
     key = kms.names.resolve(kms.store, request.key_id)
     arn = _usable(kms, key, "Encrypt")
     if request.dry_run:
@@ -118,7 +151,7 @@ async def decrypt(kms: Kms, request: pb.DecryptRequest) -> pb.DecryptResponse:
     _algorithm("encryption_algorithm", request.encryption_algorithm)
     if request.HasField("recipient"):
         raise UnsupportedOperationError("recipient: Nitro enclave recipients are not supported.")
-    await kms.read(request.min_commit_index)
+    await _crypto_read(kms, request.min_commit_index, [request.key_id], request.ciphertext_blob)
     if request.dry_run and _ignore_ciphertext(request.dry_run_modifiers):
         if not request.key_id:
             raise ValidationError("key_id", "is required with DRY_RUN_MODIFIER_IGNORE_CIPHERTEXT")
@@ -152,7 +185,12 @@ async def re_encrypt(kms: Kms, request: pb.ReEncryptRequest) -> pb.ReEncryptResp
     if not (request.dry_run and _ignore_ciphertext(request.dry_run_modifiers)):
         # Input limits are checked before any key is looked up, as for every other field.
         validate.ciphertext(request.ciphertext_blob)
-    await kms.read(request.min_commit_index)
+    await _crypto_read(
+        kms,
+        request.min_commit_index,
+        [request.destination_key_id, request.source_key_id],
+        request.ciphertext_blob,
+    )
     destination = kms.names.resolve(kms.store, request.destination_key_id, "destination_key_id")
     destination_arn = _usable(kms, destination, "ReEncrypt")
     if request.dry_run and _ignore_ciphertext(request.dry_run_modifiers):
@@ -210,7 +248,7 @@ async def _data_key(
     min_commit_index: int,
 ) -> tuple[bytes, bytes, str, str]:
     _common(context, grant_tokens, "encryption_context")
-    await kms.read(min_commit_index)
+    await _crypto_read(kms, min_commit_index, [key_ref])
     key = kms.names.resolve(kms.store, key_ref)
     arn = _usable(kms, key, operation)
     if dry_run:

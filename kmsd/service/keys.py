@@ -107,7 +107,7 @@ async def list_keys(kms: Kms, request: pb.ListKeysRequest) -> pb.ListKeysRespons
 
 async def _key_id(kms: Kms, key_ref: str, request_id: str) -> str:
     validate.request_id(request_id)
-    return kms.names.resolve(kms.store, key_ref).key_id
+    return (await kms.resolve_for_write(key_ref)).key_id
 
 
 async def update_key_description(

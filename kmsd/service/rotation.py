@@ -27,7 +27,7 @@ async def enable_key_rotation(
     command = kms.command(request)
     command.enable_key_rotation.CopyFrom(
         fsm.EnableKeyRotation(
-            key_id=kms.names.resolve(kms.store, request.key_id).key_id,
+            key_id=(await kms.resolve_for_write(request.key_id)).key_id,
             rotation_period_in_days=period,
         )
     )
@@ -40,7 +40,7 @@ async def disable_key_rotation(
 ) -> pb.DisableKeyRotationResponse:
     validate.request_id(request.request_id)
     command = kms.command(request)
-    command.disable_key_rotation.key_id = kms.names.resolve(kms.store, request.key_id).key_id
+    command.disable_key_rotation.key_id = (await kms.resolve_for_write(request.key_id)).key_id
     committed = await kms.propose(command)
     return pb.DisableKeyRotationResponse(commit_index=committed.commit_index)
 
@@ -63,7 +63,7 @@ async def rotate_key_on_demand(
     kms: Kms, request: pb.RotateKeyOnDemandRequest
 ) -> pb.RotateKeyOnDemandResponse:
     validate.request_id(request.request_id)
-    key = kms.names.resolve(kms.store, request.key_id)
+    key = await kms.resolve_for_write(request.key_id)
     version = key.materials[-1].version + 1
     command = kms.command(request)
     command.rotate_key.CopyFrom(

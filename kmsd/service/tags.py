@@ -19,7 +19,7 @@ async def tag_resource(kms: Kms, request: pb.TagResourceRequest) -> pb.TagResour
     command = kms.command(request)
     command.tag_resource.CopyFrom(
         fsm.TagResource(
-            key_id=kms.names.resolve(kms.store, request.key_id).key_id, tags=request.tags
+            key_id=(await kms.resolve_for_write(request.key_id)).key_id, tags=request.tags
         )
     )
     committed = await kms.propose(command)
@@ -35,7 +35,7 @@ async def untag_resource(kms: Kms, request: pb.UntagResourceRequest) -> pb.Untag
     command = kms.command(request)
     command.untag_resource.CopyFrom(
         fsm.UntagResource(
-            key_id=kms.names.resolve(kms.store, request.key_id).key_id,
+            key_id=(await kms.resolve_for_write(request.key_id)).key_id,
             tag_keys=request.tag_keys,
         )
     )
