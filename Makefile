@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint proto bench clean
+.PHONY: setup run test lint proto bench compose-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ proto: $(STAMP)
 ## Benchmarks: kmsd against a bare gRPC service doing the same AES-GCM work.
 bench: $(STAMP)
 	$(BIN)/python -m bench.data_plane
+
+## Build the images (no registry) and run the docker-compose tests; needs root or docker.
+compose-test: $(STAMP)
+	$(BIN)/pytest tests/compose -q -s
 
 clean:
 	rm -rf $(VENV) .kmsd-dev .pytest_cache .mypy_cache .ruff_cache

@@ -19,15 +19,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from kmsd.api.server import SERVICE_NAME, build_server
+from kmsd.api.cluster import ClusterServicer
+from kmsd.api.server import CLUSTER_SERVICE_NAME, SERVICE_NAME, build_server
 from kmsd.clock import Clock, SystemClock
 from kmsd.config import Config
 from kmsd.crypto.seal import FileSeal
 from kmsd.fsm.store import KeyStore
+from kmsd.log.raft_disk import Member
+from kmsd.log.raft_log import RaftLog, RaftSettings
 from kmsd.log.single_node import SingleNodeLog
 from kmsd.service.context import Kms
 from kmsd.service.names import Names
 from kmsd.service.scheduler import Scheduler
+from kmsd.transport.grpc_transport import GrpcTransport
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class Node:
         self._scheduler_task: asyncio.Task[None] | None = None
         self.port = 0
         self.kms: Kms | None = None
+        self.command_log: SingleNodeLog | RaftLog | None = None
+        self.transport: GrpcTransport | None = None
         self.scheduler: Scheduler | None = None
 
     async def start(self) -> None:
@@ -74,15 +80,11 @@ class Node:
         self._lock_fd = _lock_data_dir(config.data_dir)
         seal = FileSeal.load_or_create(config.seal_path)
         store = KeyStore()
-        command_log = SingleNodeLog(
-            config.data_dir / "log",
-            store,
-            snapshot_every=config.snapshot_every,
-            on_fatal=self._on_fatal,
-        )
+        command_log = self._command_log(store)
         await command_log.start()
         if command_log.tail_repair is not None:
             log.warning("the log's torn tail was repaired: %s", command_log.tail_repair)
+        self.command_log = command_log
         self.kms = Kms(
             store=store,
             log=command_log,
@@ -90,20 +92,56 @@ class Node:
             names=Names(region=config.region, account=config.account),
             clock=self._clock,
             rng=self._rng,
+            max_staleness_s=config.raft.max_staleness_ms / 1000,
         )
-        self._server, self.port, health_servicer = build_server(self.kms, config.listen)
+        cluster = ClusterServicer(command_log, config.node_id, config.listen)
+        self._server, self.port, health_servicer = build_server(self.kms, config.listen, cluster)
         await self._server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, CLUSTER_SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.scheduler = Scheduler(self.kms, config.scheduler_interval_seconds)
         self._scheduler_task = asyncio.create_task(self.scheduler.run_forever())
         log.info(
-            "kmsd node serving on %s:%d (seal fingerprint %s, %d keys, applied index %d)",
+            "kmsd node %d serving on %s:%d%s (seal fingerprint %s, %d keys, applied index %d)",
+            config.node_id,
             config.listen.rpartition(":")[0],
             self.port,
+            f", Raft peers on {config.peer_listen}" if config.clustered else "",
             seal.fingerprint,
             len(store.keys()),
             store.applied_index,
+        )
+
+    def _command_log(self, store: KeyStore) -> SingleNodeLog | RaftLog:
+        config = self.config
+        if not config.clustered:
+            single = SingleNodeLog(
+                config.data_dir / "log",
+                store,
+                snapshot_every=config.snapshot_every,
+                on_fatal=self._on_fatal,
+            )
+            return single
+        founders = (
+            []
+            if config.join
+            else [Member(m.id, m.peer_address, m.client_address) for m in config.members]
+        )
+        self.transport = GrpcTransport(config.node_id, config.peer_listen, config.cluster_id)
+        return RaftLog(
+            config.node_id,
+            config.data_dir / "raft",
+            store,
+            self.transport,
+            founders=founders,
+            settings=RaftSettings(
+                tick_seconds=config.raft.tick_ms / 1000,
+                election_ticks=config.raft.election_ticks,
+                heartbeat_ticks=config.raft.heartbeat_ticks,
+                snapshot_every=config.snapshot_every,
+                request_timeout_s=config.raft.request_timeout_seconds,
+            ),
+            on_fatal=self._on_fatal,
         )
 
     def _on_fatal(self, error: BaseException) -> None:

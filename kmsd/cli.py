@@ -1,7 +1,9 @@
 """The `kmsd` command: `kmsd serve --config FILE` and `kmsd dev`.
 
-`kmsd dev` runs a node with embedded defaults on loopback, data under a
-directory it names (`.kmsd-dev` by default), for trying kmsd out and for tests.
+`kmsd dev` runs a local cluster (3 nodes by default; `--nodes 1` for one node in
+this process) with embedded defaults on loopback, data under a directory it names
+(`.kmsd-dev` by default), for trying kmsd out and for tests. `kmsd init --seal
+FILE` creates the root key a cluster's nodes share.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from pathlib import Path
 
 from kmsd.app import DataDirLocked, Node
 from kmsd.config import Config, ConfigError, config_from_dict, load_config
+from kmsd.crypto.seal import FileSeal
+from kmsd.dev_cluster import run_dev_cluster
 from kmsd.errors import StorageCorruptedError
 
 DEV_PORT = 7400
+DEV_PEER_PORT = 7500
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,9 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a node from a TOML config file")
     serve.add_argument("--config", required=True, type=Path, help="path to the TOML config")
-    dev = sub.add_parser("dev", help="run a local node with embedded defaults on loopback")
+    dev = sub.add_parser("dev", help="run a local cluster with embedded defaults on loopback")
     dev.add_argument("--data-dir", type=Path, default=Path(".kmsd-dev"), help="data directory")
-    dev.add_argument("--port", type=int, default=DEV_PORT, help="client port on 127.0.0.1")
+    dev.add_argument(
+        "--nodes", type=int, choices=(1, 3, 5), default=3, help="cluster size (default 3)"
+    )
+    dev.add_argument(
+        "--port",
+        type=int,
+        default=DEV_PORT,
+        help="client port of node 1 on 127.0.0.1; node i uses port+i-1 (0: free ports)",
+    )
+    dev.add_argument(
+        "--peer-port", type=int, default=DEV_PEER_PORT, help="Raft port of node 1 (+i-1)"
+    )
+    init = sub.add_parser("init", help="create a file seal (the cluster's root key)")
+    init.add_argument("--seal", type=Path, required=True, help="path of the new seal file")
     dev.add_argument(
         "--scheduler-interval", type=float, default=5.0, help="seconds between scheduler passes"
     )
@@ -62,6 +80,18 @@ async def _run(config: Config, announce: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "init":
+        try:
+            seal = FileSeal.create(args.seal)
+        except (FileExistsError, OSError) as error:
+            print(f"kmsd: cannot create the seal: {error}", file=sys.stderr)
+            return 1
+        print(f"created file seal {args.seal} (fingerprint {seal.fingerprint}); back it up")
+        return 0
+    if args.command == "dev" and args.nodes > 1:
+        return run_dev_cluster(
+            args.data_dir, args.nodes, args.port, args.peer_port, args.scheduler_interval
+        )
     try:
         config = load_config(args.config) if args.command == "serve" else _dev_config(args)
     except ConfigError as error:

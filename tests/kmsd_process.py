@@ -36,8 +36,19 @@ class KmsdProcess:
     def start(self, port: int = 0) -> KmsdProcess:
         stderr = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kmsd", "dev", "--data-dir", str(self.data_dir),
-             "--port", str(port or self.port), *self.extra_args],
+            [
+                sys.executable,
+                "-m",
+                "kmsd",
+                "dev",
+                "--nodes",
+                "1",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(port or self.port),
+                *self.extra_args,
+            ],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,

@@ -8,8 +8,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kms.v1 import kms_service_pb2
+from kms.v1 import cluster_service_pb2, cluster_service_pb2_grpc, kms_service_pb2
 
+from kmsd.api.cluster import ClusterServicer
 from kmsd.api.servicer import Ctx, KeyManagementServicer
 from kmsd.api.status import to_grpc_status
 from kmsd.errors import ValidationError
@@ -19,6 +20,7 @@ from kmsd.service.context import Kms
 # grant tokens) is far below this; anything bigger is refused before parsing.
 MAX_MESSAGE_BYTES = 256 * 1024
 SERVICE_NAME = kms_service_pb2.DESCRIPTOR.services_by_name["KeyManagementService"].full_name
+CLUSTER_SERVICE_NAME = cluster_service_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 
 
 def _raw_request_handlers(servicer: KeyManagementServicer) -> grpc.GenericRpcHandler:
@@ -57,7 +59,9 @@ def _parsing(
     return handle
 
 
-def build_server(kms: Kms, listen: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+def build_server(
+    kms: Kms, listen: str, cluster: ClusterServicer
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started-ready (not yet started) server bound to `listen`; returns it and its port."""
     server = grpc.aio.server(
         options=[
@@ -66,6 +70,7 @@ def build_server(kms: Kms, listen: str) -> tuple[grpc.aio.Server, int, health.ai
         ]
     )
     server.add_generic_rpc_handlers((_raw_request_handlers(KeyManagementServicer(kms)),))
+    cluster_service_pb2_grpc.add_ClusterServiceServicer_to_server(cluster, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

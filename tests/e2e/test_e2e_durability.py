@@ -116,7 +116,18 @@ def test_corrupt_middle_record_refuses_to_start(tmp_path: Path) -> None:
     data[len(data) // 3] ^= 0xFF
     segment.write_bytes(bytes(data))
     result = subprocess.run(
-        [sys.executable, "-m", "kmsd", "dev", "--data-dir", str(process.data_dir), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "kmsd",
+            "dev",
+            "--nodes",
+            "1",
+            "--data-dir",
+            str(process.data_dir),
+            "--port",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,0 +1,164 @@
+"""A Raft node's durable state: WAL (entries, HardState, snapshot markers) and snapshot
+files, recovered on start into the `MemoryStorage` the Raft core reads.
+
+Write methods block on fsync: the driver runs them on its single I/O thread, and
+mirrors what they made durable into the MemoryStorage only afterwards, so the core
+never sees anything that is not on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kms.raft.v1 import wal_pb2
+
+from kmsd.errors import StorageCorruptedError
+from kmsd.raft import (
+    ConfChange,
+    ConfChangeType,
+    Entry,
+    EntryType,
+    HardState,
+    MemoryStorage,
+    Snapshot,
+    SnapshotMeta,
+)
+from kmsd.storage.snapshots import SnapshotStore
+from kmsd.storage.wal import Wal
+from kmsd.transport.codec import (
+    conf_from_proto,
+    entry_from_proto,
+    entry_to_proto,
+    hard_state_from_proto,
+    hard_state_to_proto,
+)
+
+Syncer = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A cluster member: its node id and where to reach it."""
+
+    id: int
+    peer_address: str
+    client_address: str
+
+    def encode(self) -> bytes:
+        return wal_pb2.Member(
+            id=self.id, peer_address=self.peer_address, client_address=self.client_address
+        ).SerializeToString()
+
+    @classmethod
+    def from_proto(cls, proto: wal_pb2.Member) -> Member:
+        return cls(proto.id, proto.peer_address, proto.client_address)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Member:
+        return cls.from_proto(wal_pb2.Member.FromString(data))
+
+
+def founding_log(founders: Sequence[Member]) -> tuple[list[Entry], HardState]:
+    """The log every founding member starts with: one committed ADD_VOTER entry per
+    founder at term 1, in id order, carrying its addresses. Identical on every founder."""
+    ordered = sorted(founders, key=lambda m: m.id)
+    entries = [
+        Entry(
+            index,
+            1,
+            EntryType.CONF_CHANGE,
+            ConfChange(ConfChangeType.ADD_VOTER, member.id, member.encode()).encode(),
+        )
+        for index, member in enumerate(ordered, start=1)
+    ]
+    return entries, HardState(term=1, vote=0, commit=len(entries))
+
+
+class RaftDisk:
+    """WAL + snapshots of one node; see the module docstring."""
+
+    def __init__(
+        self, directory: Path, *, datasync: Syncer = os.fdatasync, fsync: Syncer = os.fsync
+    ) -> None:
+        self._dir = directory
+        self._datasync = datasync
+        self._fsync = fsync
+        self._wal: Wal | None = None
+        self._snaps: SnapshotStore | None = None
+        self.tail_repair: object | None = None
+
+    def open(self) -> tuple[MemoryStorage, bool]:
+        """Recovers the log; returns its in-memory mirror and whether the disk was empty."""
+        self._snaps = SnapshotStore.open(self._dir / "snap", fsync=self._fsync)
+        latest = self._snaps.load_latest()
+        self._wal, state = Wal.open(self._dir / "wal", datasync=self._datasync)
+        self.tail_repair = state.repair
+        storage = MemoryStorage()
+        base = 0
+        if latest is not None:
+            cluster = wal_pb2.ClusterSnapshot.FromString(latest.data)
+            meta = SnapshotMeta(latest.index, latest.term, conf_from_proto(cluster.conf))
+            storage.apply_snapshot(Snapshot(meta, latest.data))
+            base = latest.index
+        if state.snapshot is not None and state.snapshot.index > base:
+            raise StorageCorruptedError(
+                f"refusing to start: the WAL names snapshot {state.snapshot.index} but the newest"
+                f" snapshot file is {base}; restore this node from a backup"
+            )
+        entries = [entry_from_proto(e) for e in state.entries if e.index > base]
+        if entries and entries[0].index != base + 1:
+            raise StorageCorruptedError(
+                f"refusing to start: entries {base + 1}..{entries[0].index - 1} are missing"
+                " between the snapshot and the WAL; restore this node from a backup"
+            )
+        storage.append(entries)
+        if state.hard_state is not None:
+            storage.set_hard_state(hard_state_from_proto(state.hard_state))
+        fresh = latest is None and not entries and state.hard_state is None
+        return storage, fresh
+
+    def persist(
+        self,
+        snapshot: Snapshot | None,
+        entries: Sequence[Entry],
+        hard_state: HardState | None,
+        sync: bool,
+    ) -> None:
+        """Makes one Ready's output durable: an installed snapshot (file, then a marker
+        that voids the old log), then entries, then the HardState."""
+        assert self._wal is not None and self._snaps is not None
+        records: list[wal_pb2.WalRecord] = []
+        if snapshot is not None:
+            self._snaps.save(snapshot.meta.index, snapshot.meta.term, snapshot.data)
+            marker = wal_pb2.SnapshotMarker(
+                index=snapshot.meta.index, term=snapshot.meta.term, replaces_log=True
+            )
+            records.append(wal_pb2.WalRecord(snapshot=marker))
+        records.extend(wal_pb2.WalRecord(entry=entry_to_proto(e)) for e in entries)
+        if hard_state is not None:
+            records.append(wal_pb2.WalRecord(hard_state=hard_state_to_proto(hard_state)))
+        if records:
+            self._wal.append(records)
+        if sync or snapshot is not None:
+            self._wal.sync()
+
+    def save_snapshot(self, index: int, term: int, data: bytes) -> None:
+        """Durably records this node's own snapshot at applied `index`."""
+        assert self._wal is not None and self._snaps is not None
+        self._snaps.save(index, term, data)
+        self._wal.append(
+            [wal_pb2.WalRecord(snapshot=wal_pb2.SnapshotMarker(index=index, term=term))]
+        )
+        self._wal.sync()
+
+    def compact(self, upto_index: int) -> None:
+        """Drops WAL segments wholly covered by a durable snapshot."""
+        assert self._wal is not None
+        self._wal.compact(upto_index)
+
+    def close(self) -> None:
+        if self._wal is not None:
+            self._wal.close()
