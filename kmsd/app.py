@@ -122,18 +122,16 @@ class Node:
                 on_fatal=self._on_fatal,
             )
             return single
-        founders = (
-            []
-            if config.join
-            else [Member(m.id, m.peer_address, m.client_address) for m in config.members]
-        )
+        members = [Member(m.id, m.peer_address, m.client_address) for m in config.members]
         self.transport = GrpcTransport(config.node_id, config.peer_listen, config.cluster_id)
         return RaftLog(
             config.node_id,
             config.data_dir / "raft",
             store,
             self.transport,
-            founders=founders,
+            # A joining node only learns where its peers are; founders bootstrap the log.
+            founders=[] if config.join else members,
+            known_members=members if config.join else [],
             settings=RaftSettings(
                 tick_seconds=config.raft.tick_ms / 1000,
                 election_ticks=config.raft.election_ticks,

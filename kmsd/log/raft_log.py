@@ -94,6 +94,7 @@ class RaftLog:
         transport: Transport,
         *,
         founders: Sequence[Member] = (),
+        known_members: Sequence[Member] = (),
         settings: RaftSettings | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         rng: random.Random | None = None,
@@ -103,6 +104,9 @@ class RaftLog:
         self._sm = state_machine
         self._transport = transport
         self._founders = list(founders)
+        # Where to reach peers before the log says: a joining node must answer the
+        # leader before it has replayed the membership entries that name it.
+        self._known = list(founders) + list(known_members)
         self._on_fatal = on_fatal
         self._rng = rng or random.Random()
         self._disk = RaftDisk(data_dir)
@@ -147,7 +151,8 @@ class RaftLog:
         snapshot = storage.snapshot()
         if snapshot.meta.index > 0:
             self._restore(snapshot.data, snapshot.meta.index)
-        self._members.update({m.id: m for m in self._founders})
+        for member in self._known:
+            self._members.setdefault(member.id, member)
         self._transport.set_members(self._members)
         self._raw = RawNode(
             Config(
@@ -518,6 +523,7 @@ class RaftLog:
             if (
                 progress.is_learner
                 and progress.recent_active
+                and progress.match > 0
                 and last - progress.match <= self.settings.promote_within
             ):
                 try:

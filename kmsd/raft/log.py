@@ -129,6 +129,8 @@ class RaftLog:
         last_new = prev_index + len(entries)
         conflict = self._find_conflict(entries)
         if conflict:
+            # Unreachable while callers answer prev_index < committed without
+            # appending; kept so a committed entry can never be overwritten.
             if conflict <= self.committed:
                 raise LogConflictError(f"entry {conflict} conflicts with the committed log")
             self.unstable.truncate_and_append(list(entries[conflict - prev_index - 1 :]))

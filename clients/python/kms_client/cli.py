@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
+from kms_client import cluster_cli
 from kms_client._enums import aws_name, aws_names, enum_value
 from kms_client._version import __version__
 from kms_client.client import DEFAULT_ENDPOINT, KmsClient
@@ -834,6 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_global_options(p, top_level=False)
         command.configure(p)
         p.set_defaults(_command=command)
+    cluster = cluster_cli.configure(sub)
+    _add_global_options(cluster, top_level=False)
     return parser
 
 
@@ -901,6 +904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.command == "cluster":
+        try:
+            return cluster_cli.run(args, _endpoints(args), args.timeout)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     command: _Command = args._command
     try:
         credentials = _credentials(args)

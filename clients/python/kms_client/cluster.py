@@ -1,0 +1,122 @@
+"""ClusterClient: the operator API (kms.v1.ClusterService) — status of every node,
+membership changes and leadership transfer, following the leader's address when a
+node that is not the leader answers UNAVAILABLE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+from kms.v1 import cluster_service_pb2 as pb
+from kms.v1 import cluster_service_pb2_grpc as pb_grpc
+
+from kms_client.errors import KmsClientError, from_rpc_error
+
+_Resp = TypeVar("_Resp")
+
+
+class ClusterClient:
+    """Talks to the ClusterService of the given nodes."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is needed")
+        self._endpoints = list(dict.fromkeys(endpoints))
+        self._timeout = timeout
+        self._credentials = credentials
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stub(self, endpoint: str) -> pb_grpc.ClusterServiceStub:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = (
+                grpc.secure_channel(endpoint, self._credentials)
+                if self._credentials is not None
+                else grpc.insecure_channel(endpoint)
+            )
+            self._channels[endpoint] = channel
+        return pb_grpc.ClusterServiceStub(channel)
+
+    def node_status(self, endpoint: str) -> pb.GetClusterStatusResponse:
+        """One node's own view."""
+        try:
+            return self._stub(endpoint).GetClusterStatus(
+                pb.GetClusterStatusRequest(), timeout=self._timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from error
+
+    def status(self) -> dict[str, pb.GetClusterStatusResponse | KmsClientError]:
+        """Every node's view, by client address: the given endpoints and every member
+        they report. A node that does not answer maps to its error."""
+        results: dict[str, pb.GetClusterStatusResponse | KmsClientError] = {}
+        pending = list(self._endpoints)
+        while pending:
+            endpoint = pending.pop(0)
+            if endpoint in results:
+                continue
+            try:
+                response = self.node_status(endpoint)
+            except KmsClientError as error:
+                results[endpoint] = error
+                continue
+            results[endpoint] = response
+            pending.extend(
+                m.client_address
+                for m in response.members
+                if m.client_address and m.client_address not in results
+            )
+        return results
+
+    def _on_leader(self, call: Callable[[pb_grpc.ClusterServiceStub], _Resp]) -> _Resp:
+        """Runs `call` on the leader: tries the endpoints, following leader hints."""
+        tried: list[str] = []
+        queue = list(self._endpoints)
+        last: KmsClientError | None = None
+        while queue and len(tried) < 2 * len(self._endpoints) + 2:
+            endpoint = queue.pop(0)
+            tried.append(endpoint)
+            try:
+                return call(self._stub(endpoint))
+            except grpc.RpcError as rpc_error:
+                last = from_rpc_error(rpc_error)
+                if last.code != grpc.StatusCode.UNAVAILABLE:
+                    raise last from rpc_error
+                if last.leader_address:
+                    queue.insert(0, last.leader_address)
+        assert last is not None
+        raise last
+
+    def add_member(
+        self, node_id: int, peer_address: str, client_address: str
+    ) -> pb.AddMemberResponse:
+        request = pb.AddMemberRequest(
+            node_id=node_id, peer_address=peer_address, client_address=client_address
+        )
+        return self._on_leader(lambda stub: stub.AddMember(request, timeout=self._timeout))
+
+    def remove_member(self, node_id: int) -> pb.RemoveMemberResponse:
+        request = pb.RemoveMemberRequest(node_id=node_id)
+        return self._on_leader(lambda stub: stub.RemoveMember(request, timeout=self._timeout))
+
+    def transfer_leadership(self, node_id: int) -> pb.TransferLeadershipResponse:
+        request = pb.TransferLeadershipRequest(node_id=node_id)
+        return self._on_leader(lambda stub: stub.TransferLeadership(request, timeout=self._timeout))
