@@ -17,16 +17,18 @@ from pathlib import Path
 import grpc
 from kms.v1 import kms_service_pb2_grpc
 
-_SERVING = re.compile(r"serving on (127\.0\.0\.1:\d+)")
+_SERVING = re.compile(r"serving on ((?:127\.0\.0\.1:\d+,?)+)")
 START_TIMEOUT = 30.0
 
 
 class KmsdProcess:
     """One `kmsd dev` process over a data directory that outlives it."""
 
-    def __init__(self, data_dir: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None, nodes: int = 1) -> None:
         self.data_dir = data_dir
         self.extra_args = extra_args or []
+        self.nodes = nodes
+        self.endpoints: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.endpoint = ""
         self.port = 0
@@ -42,7 +44,7 @@ class KmsdProcess:
                 "kmsd",
                 "dev",
                 "--nodes",
-                "1",
+                str(self.nodes),
                 "--data-dir",
                 str(self.data_dir),
                 "--port",
@@ -63,7 +65,8 @@ class KmsdProcess:
                 break
             match = _SERVING.search(line)
             if match:
-                self.endpoint = match.group(1)
+                self.endpoints = match.group(1).split(",")
+                self.endpoint = self.endpoints[0]
                 self.port = int(self.endpoint.rpartition(":")[2])
                 return self
         self.stop()
