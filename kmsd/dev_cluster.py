@@ -62,10 +62,10 @@ def node_config(
 
 
 def _ready(endpoints: list[str], deadline: float) -> bool:
-    """True once every node is SERVING and one of them knows a leader."""
+    """True once every node is SERVING and all of them know the same leader."""
     while time.monotonic() < deadline:
         try:
-            leader = 0
+            leaders: set[int] = set()
             for endpoint in endpoints:
                 with grpc.insecure_channel(endpoint) as channel:
                     stub = health_pb2_grpc.HealthStub(channel)
@@ -78,8 +78,8 @@ def _ready(endpoints: list[str], deadline: float) -> bool:
                     status = cluster_grpc.ClusterServiceStub(channel).GetClusterStatus(
                         cluster_pb.GetClusterStatusRequest(), timeout=1
                     )
-                    leader = leader or status.leader_id
-            if leader:
+                    leaders.add(status.leader_id)
+            if len(leaders) == 1 and 0 not in leaders:
                 return True
         except (grpc.RpcError, ConnectionError):
             pass

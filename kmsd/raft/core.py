@@ -91,6 +91,8 @@ class Raft:
             snapshot_index = self.log.storage.snapshot().meta.index
         except SnapshotTemporarilyUnavailableError:
             snapshot_index = 0
+        if snapshot_index > last:
+            raise ConfigError(f"snapshot {snapshot_index} is beyond the last index {last}")
         self.log.committed = max(commit, snapshot_index, self.log.committed)
         if applied > self.log.committed:
             raise ConfigError(f"applied {applied} is beyond the commit {self.log.committed}")
@@ -147,10 +149,13 @@ class Raft:
             self.vote = 0
         self.lead = 0
         self.election_elapsed = 0
-        election = self.cfg.election_tick
-        self.randomized_election_timeout = election + self.rng.randrange(election)
+        self._randomize_election_timeout()
         self.votes = {}
         self.leadership = None
+
+    def _randomize_election_timeout(self) -> None:
+        election = self.cfg.election_tick
+        self.randomized_election_timeout = election + self.rng.randrange(election)
 
     def _become_follower(self, term: int, lead: int) -> None:
         self._reset(term)
@@ -278,6 +283,9 @@ class Raft:
             self.leader_contact += 1
         if self.promotable() and self.election_elapsed >= self.randomized_election_timeout:
             self.election_elapsed = 0
+            # A fresh draw per attempt: a pre-vote round that stays pending keeps the
+            # term (so no reset), and nodes with equal timeouts would keep colliding.
+            self._randomize_election_timeout()
             self.campaign()
 
     # -- step ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import google_crc32c
 import grpc
@@ -23,6 +24,7 @@ from kms.raft.v1 import raft_service_pb2 as wire
 from kms.raft.v1 import raft_service_pb2_grpc as wire_grpc
 
 from kmsd.errors import UnavailableError
+from kmsd.grpc_parsing import parsing_handler
 from kmsd.log.raft_disk import Member
 from kmsd.raft import Message, MessageType
 from kmsd.transport.base import PeerHandler
@@ -178,7 +180,8 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
 
     async def start(self) -> None:
         server = grpc.aio.server(options=_OPTIONS)
-        wire_grpc.add_RaftServiceServicer_to_server(self, server)
+        service = wire.DESCRIPTOR.services_by_name["RaftService"]
+        server.add_generic_rpc_handlers((parsing_handler(service, wire, self, self._bad_request),))
         self.port = server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
@@ -196,13 +199,22 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
 
     # -- RaftService (the receiving side) --------------------------------------------------
 
+    async def _bad_request(self, context: grpc.aio.ServicerContext[Any, Any], name: str) -> None:
+        self.dropped += 1
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}")
+
     def _accept(self, proto: wire.Message, data: bytes | None = None) -> Message | None:
         try:
             message = message_from_proto(proto, data)
         except ValueError:
             self.dropped += 1
             return None
-        if message.dst != self.node_id:
+        # Until peers authenticate with mTLS, at least refuse senders that are not
+        # members: a message from an unknown id with a high term would depose a leader.
+        if message.dst != self.node_id or message.src == self.node_id:
+            self.dropped += 1
+            return None
+        if message.src not in self._members:
             self.dropped += 1
             return None
         return message
