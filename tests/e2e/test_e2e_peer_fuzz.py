@@ -13,6 +13,7 @@ from kms.raft.v1 import raft_service_pb2 as wire
 from kms.raft.v1 import raft_service_pb2_grpc as wire_grpc
 from kms.raft.v1 import wal_pb2
 from kms.v1 import kms_service_pb2 as pb
+from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from kms_client.cluster import ClusterClient
 from kmsd_process import KmsdProcess
@@ -40,7 +41,7 @@ def _random_message(rng: random.Random) -> wire.Message:
     sender = rng.choice([0, 1, 2, 3, 7, 2**64 - 1])
     member = sender in (1, 2, 3)
     message = wire.Message(
-        type=rng.choice([*range(0, 14), 99]),  # type: ignore[arg-type]
+        type=rng.choice([*range(14), 99]),  # type: ignore[arg-type]
         to=rng.choice([0, 1, 2, 3, 4, 2**63]),
         term=rng.choice([0, 1] if member else [0, 1, 2, 10**6, 2**64 - 1]),
         log_term=rng.choice([0, 1, 2**64 - 1]),
@@ -96,8 +97,6 @@ def test_random_peer_messages_do_no_harm(cluster: KmsdProcess) -> None:
     assert statuses[0].term == before.term  # the fuzz caused no election
     for endpoint in cluster.endpoints:
         with grpc.insecure_channel(endpoint) as channel:
-            from kms.v1 import kms_service_pb2_grpc as pb_grpc
-
             found = pb_grpc.KeyManagementServiceStub(channel).DescribeKey(
                 pb.DescribeKeyRequest(
                     key_id=made.key_metadata.key_id, min_commit_index=made.commit_index
