@@ -51,6 +51,19 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _load_shared_seal(path: Path) -> FileSeal:
+    if not path.exists():
+        raise SealMissing(
+            f"the seal file {path} does not exist: a cluster's nodes share one root key;"
+            " create it once with `kmsd init --seal FILE` and copy it to every node"
+        )
+    return FileSeal.load(path)
+
+
+class SealMissing(Exception):
+    """A cluster node was started without the cluster's root key."""
+
+
 class Node:
     """A running single-zone kmsd node."""
 
@@ -78,7 +91,12 @@ class Node:
     async def start(self) -> None:
         config = self.config
         self._lock_fd = _lock_data_dir(config.data_dir)
-        seal = FileSeal.load_or_create(config.seal_path)
+        # A cluster's nodes must share one root key: never make a new one for a node.
+        seal = (
+            _load_shared_seal(config.seal_path)
+            if config.clustered
+            else FileSeal.load_or_create(config.seal_path)
+        )
         store = KeyStore()
         command_log = self._command_log(store)
         await command_log.start()

@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kmsd.app import DataDirLocked, Node
+from kmsd.app import DataDirLocked, Node, SealMissing
 from kmsd.config import Config, ConfigError, config_from_dict, load_config
 from kmsd.crypto.seal import FileSeal
 from kmsd.dev_cluster import run_dev_cluster
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(_run(config, announce=args.command == "dev"))
-    except (StorageCorruptedError, DataDirLocked, OSError, ValueError) as error:
+    except (StorageCorruptedError, DataDirLocked, SealMissing, OSError, ValueError) as error:
         print(f"kmsd: cannot start: {error}", file=sys.stderr)
         return 1
 

@@ -212,6 +212,10 @@ def _validate_cluster(config: Config) -> None:
         raise ConfigError(f"[node].id: {config.node_id} is not among [[cluster.members]]")
     if config.join and config.node_id in ids:
         raise ConfigError(f"[node].join: node {config.node_id} is a founding member already")
+    if config.join and not config.members:
+        raise ConfigError(
+            "[[cluster.members]]: a joining node needs the current members' addresses"
+        )
     raft = config.raft
     if raft.tick_ms < 1:
         raise ConfigError("[raft].tick_ms: must be at least 1")

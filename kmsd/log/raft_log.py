@@ -39,7 +39,7 @@ from pathlib import Path
 
 from kms.raft.v1 import wal_pb2
 
-from kmsd.errors import UnavailableError
+from kmsd.errors import UnavailableError, ValidationError
 from kmsd.log.base import Applied, StateMachine
 from kmsd.log.raft_disk import Member, RaftDisk, founding_log
 from kmsd.raft import (
@@ -150,9 +150,11 @@ class RaftLog:
         self._storage = storage
         snapshot = storage.snapshot()
         if snapshot.meta.index > 0:
+            # The snapshot's membership is authoritative (it may have removed founders).
             self._restore(snapshot.data, snapshot.meta.index)
-        for member in self._known:
-            self._members.setdefault(member.id, member)
+        else:
+            for member in self._known:
+                self._members.setdefault(member.id, member)
         self._transport.set_members(self._members)
         self._raw = RawNode(
             Config(
@@ -383,8 +385,10 @@ class RaftLog:
             change, done = self._conf_changes.popleft()
             try:
                 _settle(done, result=raw.propose_conf_change(change))
-            except RaftError as error:
+            except RaftError as error:  # not leader, or another change is pending
                 _settle(done, exception=UnavailableError(f"membership change refused: {error}"))
+            except ValueError as error:  # e.g. a removed id, or the last voter
+                _settle(done, exception=ValidationError("node_id", str(error)))
         while self._reads:
             context = self._reads.popleft()
             try:

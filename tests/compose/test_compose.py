@@ -11,15 +11,19 @@ What runs (printed as it goes, see it with `-s`):
    tests below against the containers. `down -v` before (a previous run's leftovers)
    and after, whatever happens.
 
-The three-node test waits for cluster support in `kmsd serve` (Raft): flip
-CLUSTER_CONFIG_SUPPORTED when `[node].id`, `[node].peer_listen` and
-`[[cluster.members]]` are accepted. Until then the single-node deployment proves the
-image, the volume, the health check and the restart policy.
+The single node: kill, crash (restart policy) and a new container on the same volume.
+The three-node cluster: kms-init makes the one root key every node mounts; a leader
+is elected; the leader's container is killed and the two others keep serving reads
+and writes; restarted, it catches up (it answers, by itself, for the key made while
+it was down). The operator procedures of docs/operations.md (replacing a node, growing
+to five, backup and restore, a corrupt WAL) are in test_operations.py, on plain
+`kmsd serve` processes.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -32,12 +36,14 @@ from typing import TypeVar
 
 import grpc
 import pytest
+from kms.v1 import cluster_service_pb2 as cluster_pb
+from kms.v1 import cluster_service_pb2_grpc as cluster_grpc
 
 from kms_client import KmsClient
 from kms_client.errors import KmsClientError
 
 #: Flip to True when `kmsd serve` accepts the cluster configuration (deploy/config/test-*.toml).
-CLUSTER_CONFIG_SUPPORTED = False
+CLUSTER_CONFIG_SUPPORTED = True
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
@@ -221,13 +227,21 @@ def client(*endpoints: str, attempts: int = 1) -> KmsClient:
 # ---------------------------------------------------------------------------- fixtures
 
 
+def cannot_run(reason: str) -> None:
+    """Skips, or fails when the compose tests are required (KMSD_COMPOSE_TESTS=1, as CI
+    sets it), so that a CI machine that cannot run them never passes silently."""
+    if os.environ.get("KMSD_COMPOSE_TESTS") == "1":
+        pytest.fail(f"KMSD_COMPOSE_TESTS=1 but the compose tests cannot run: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def images() -> None:
     """dockerd running, kmsd-base and the kmsd image built (cached on re-runs)."""
     docker_ok = _docker_usable()
     is_root = os.geteuid() == 0
     if not docker_ok and not (is_root and shutil.which("apt-get")):
-        pytest.skip(
+        cannot_run(
             "needs a usable docker (`docker info`), or root with apt-get to install "
             "docker.io, docker-compose and debootstrap"
         )
@@ -239,7 +253,7 @@ def images() -> None:
             stdin=subprocess.DEVNULL,
         )
         if has_base.returncode != 0:
-            pytest.skip("the base image kmsd-base:<release> is missing and building it needs root")
+            cannot_run("the base image kmsd-base:<release> is missing and building it needs root")
     started = time.monotonic()
     run(["tools/docker/start-dockerd.sh"], timeout=600)
     run(["tools/docker/build-image.sh"], timeout=1500)
@@ -339,50 +353,124 @@ def test_single_node_survives_kill_crash_and_recreate(single: Compose) -> None:
     say("after the container was removed and made anew: the volume kept everything")
 
 
+def cluster_status(endpoint: str) -> cluster_pb.GetClusterStatusResponse:
+    """One node's own view (ClusterService.GetClusterStatus), served by that node."""
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = cluster_grpc.ClusterServiceStub(channel)
+        response: cluster_pb.GetClusterStatusResponse = stub.GetClusterStatus(
+            cluster_pb.GetClusterStatusRequest(), timeout=3
+        )
+        return response
+
+
+def wait_leader(endpoints: dict[str, str], timeout: float = HEALTHY_TIMEOUT) -> str:
+    """Waits until every node in `endpoints` names the same leader, one of them, which
+    sees every one of them as a voter; returns the leader's service name."""
+
+    def agreed() -> str:
+        views = {service: cluster_status(e) for service, e in endpoints.items()}
+        leaders = {v.leader_id for v in views.values()}
+        assert len(leaders) == 1 and 0 not in leaders, f"no agreed leader: {leaders}"
+        (leader_id,) = leaders
+        (leader,) = [s for s, v in views.items() if v.node_id == leader_id]
+        voters = {m.node_id for m in views[leader].members if m.voter}
+        assert {v.node_id for v in views.values()} <= voters, f"voters {voters}"
+        return leader
+
+    started = time.monotonic()
+    leader = eventually(f"a leader among {sorted(endpoints)}", agreed, timeout)
+    say(f"  leader {leader} after {time.monotonic() - started:.1f}s")
+    return leader
+
+
+def seal_fingerprint(container: str) -> str:
+    """The root key's fingerprint a container logged ("seal fingerprint ..." or kms-init's)."""
+    logs = run(["docker", "logs", container], timeout=30, capture=True)
+    found = re.findall(r"fingerprint ([0-9a-f]{16})", logs.stdout + logs.stderr)
+    assert found, f"no seal fingerprint in the log of {container[:12]}"
+    return str(found[-1])
+
+
 def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
     containers = {service: cluster.container(service) for service in CLUSTER_ENDPOINTS}
     for container in containers.values():
         wait_healthy(container)
+    leader = wait_leader(CLUSTER_ENDPOINTS)
     everyone = list(CLUSTER_ENDPOINTS.values())
 
+    # One root key: kms-init made it once; every node loaded that same key.
+    init = cluster.container("kms-init")
+    assert inspect(init, "{{.State.Status}} {{.State.ExitCode}}") == "exited 0"
+    root_key = seal_fingerprint(init)
+    fingerprints = {s: seal_fingerprint(c) for s, c in containers.items()}
+    assert set(fingerprints.values()) == {root_key}, (root_key, fingerprints)
+    say(f"one root key on every node (fingerprint {root_key})")
+
     with client(*everyone, attempts=10) as kms:
-        key1 = kms.create_key("before the kill").key_metadata.key_id
-    with client(CLUSTER_ENDPOINTS["kms-a"], attempts=10) as kms_a:
-        blob1 = kms_a.encrypt(key1, b"one").ciphertext_blob
-        assert kms_a.decrypt(blob1).plaintext == b"one"
-    say(f"key {key1} created; encrypt/decrypt through kms-a")
+        created = kms.create_key("before the kill")
+        key1 = created.key_metadata.key_id
+        blob1 = kms.encrypt(key1, b"one", {"n": "1"}).ciphertext_blob
+    # Each node on its own decrypts: each unwraps the key material with its own mount
+    # of the seal, so this fails on a node with another root key.
+    for service, endpoint in CLUSTER_ENDPOINTS.items():
+        with client(endpoint, attempts=10) as kms:
+            described = kms.describe_key(key1, min_commit_index=created.commit_index)
+            assert described.key_metadata.key_id == key1
+            assert kms.decrypt(blob1, {"n": "1"}).plaintext == b"one", service
+    say(f"key {key1} created; every node describes it and decrypts its ciphertext")
 
-    victim = "kms-a"
+    # Kill the leader: the two others elect a new one and keep serving.
+    victim = leader
     run(["docker", "kill", containers[victim]], timeout=60, capture=True)
-    say(f"{victim} killed")
-    survivors = [e for s, e in CLUSTER_ENDPOINTS.items() if s != victim]
+    assert inspect(containers[victim], "{{.State.Running}}") == "false"
+    killed_at = time.monotonic()
+    say(f"{victim} (the leader) killed")
+    survivors = {s: e for s, e in CLUSTER_ENDPOINTS.items() if s != victim}
 
-    def write_and_read() -> tuple[str, bytes]:
-        with client(*survivors, attempts=10) as kms:
-            key = kms.create_key("while a node was down").key_metadata.key_id
-            blob = kms.encrypt(key, b"two").ciphertext_blob
-            assert kms.decrypt(blob).plaintext == b"two"
+    def write_and_read() -> tuple[str, bytes, int]:
+        with client(*survivors.values(), attempts=10) as kms:
+            created = kms.create_key("while a node was down")
+            key = created.key_metadata.key_id
+            blob = kms.encrypt(key, b"two", {"n": "2"}).ciphertext_blob
+            assert kms.decrypt(blob, {"n": "2"}).plaintext == b"two"
             assert kms.describe_key(key1).key_metadata.key_id == key1
-            assert kms.decrypt(blob1).plaintext == b"one"
-            return key, blob
+            assert kms.decrypt(blob1, {"n": "1"}).plaintext == b"one"
+            return key, blob, created.commit_index
 
-    key2, blob2 = eventually("writes and reads on the two survivors", write_and_read)
-    say(f"the two survivors serve reads and writes (key {key2})")
-    for endpoint in survivors:
-
+    key2, blob2, key2_index = eventually("writes and reads on the two survivors", write_and_read)
+    new_leader = wait_leader(survivors)
+    assert new_leader != victim
+    say(
+        f"the two survivors serve reads and writes {time.monotonic() - killed_at:.1f}s after"
+        f" the kill (key {key2} at index {key2_index}; new leader {new_leader})"
+    )
+    for service, endpoint in survivors.items():
+        # attempts=1: answered by this node itself, not by one its hints lead to.
         def knows_key2(endpoint: str = endpoint) -> None:
-            with client(endpoint, attempts=10) as kms:
+            with client(endpoint) as kms:
                 assert kms.describe_key(key2).key_metadata.key_id == key2
+                assert kms.decrypt(blob2, {"n": "2"}).plaintext == b"two"
 
-        eventually(f"describe on {endpoint}", knows_key2)
+        eventually(f"describe and decrypt on {service}", knows_key2)
 
+    # Restart the old leader: it catches up from the others.
     run(["docker", "start", containers[victim]], timeout=60, capture=True)
+    restarted_at = time.monotonic()
     wait_healthy(containers[victim])
 
     def caught_up() -> None:
-        with client(CLUSTER_ENDPOINTS[victim]) as kms:
+        status = cluster_status(CLUSTER_ENDPOINTS[victim])
+        assert status.applied_index >= key2_index, (status.applied_index, key2_index)
+        with client(CLUSTER_ENDPOINTS[victim]) as kms:  # this node only
             assert kms.describe_key(key2).key_metadata.key_id == key2
-            assert kms.decrypt(blob2).plaintext == b"two"
+            assert kms.decrypt(blob2, {"n": "2"}).plaintext == b"two"
 
     eventually(f"{victim} catching up", caught_up)
-    say(f"{victim} restarted and caught up: it knows the key made while it was down")
+    say(
+        f"{victim} restarted and caught up in {time.monotonic() - restarted_at:.1f}s: it knows"
+        " the key made while it was down and decrypts its ciphertext"
+    )
+    wait_leader(CLUSTER_ENDPOINTS)
+    with client(*everyone, attempts=10) as kms:
+        kms.create_key("after the restart")
+        assert len(list(kms.iter_keys())) == 3

@@ -28,11 +28,25 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   [ "$(id -u)" = 0 ] || die "missing ${need_pkgs[*]}; installing them needs root"
   command -v apt-get >/dev/null 2>&1 || die "missing ${need_pkgs[*]} and there is no apt-get"
   log "installing ${need_pkgs[*]} with apt"
+  # The packages' maintainer scripts would start docker.service / containerd.service
+  # with Docker's default networking (docker0 bridge, iptables rules). A policy-rc.d
+  # that answers 101 ("action forbidden") stops that for the install, so that the only
+  # daemon is the one started below; an existing policy-rc.d is left as it is.
+  policy=/usr/sbin/policy-rc.d
+  placed_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tools/docker/start-dockerd.sh: no service starts during its apt install\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    placed_policy=1
+    trap 'if [ "$placed_policy" = 1 ]; then rm -f "$policy"; fi' EXIT
+  fi
   apt-get update -qq
-  # (On a host run by systemd the package starts its own docker.service, with Docker's
-  # default networking; this script then finds docker usable and leaves it alone.)
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${need_pkgs[@]}" >/dev/null
+  if [ "$placed_policy" = 1 ]; then
+    rm -f "$policy"
+    placed_policy=0
+  fi
 fi
 
 if docker info >/dev/null 2>&1; then

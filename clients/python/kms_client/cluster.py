@@ -4,6 +4,7 @@ node that is not the leader answers UNAVAILABLE."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -25,6 +26,8 @@ class ClusterClient:
         *,
         timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
+        attempts: int = 12,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is needed")
@@ -32,6 +35,8 @@ class ClusterClient:
         self._timeout = timeout
         self._credentials = credentials
         self._channels: dict[str, grpc.Channel] = {}
+        self._attempts = max(1, attempts)
+        self._sleep = sleep
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -87,21 +92,22 @@ class ClusterClient:
         return results
 
     def _on_leader(self, call: Callable[[pb_grpc.ClusterServiceStub], _Resp]) -> _Resp:
-        """Runs `call` on the leader: tries the endpoints, following leader hints."""
-        tried: list[str] = []
-        queue = list(self._endpoints)
+        """Runs `call` on the leader: tries the endpoints in turn, following leader
+        hints, with backoff while an election is under way (bounded by `attempts`)."""
         last: KmsClientError | None = None
-        while queue and len(tried) < 2 * len(self._endpoints) + 2:
-            endpoint = queue.pop(0)
-            tried.append(endpoint)
+        hint = ""
+        for attempt in range(self._attempts):
+            endpoint = hint or self._endpoints[attempt % len(self._endpoints)]
+            hint = ""
             try:
                 return call(self._stub(endpoint))
             except grpc.RpcError as rpc_error:
                 last = from_rpc_error(rpc_error)
                 if last.code != grpc.StatusCode.UNAVAILABLE:
                     raise last from rpc_error
-                if last.leader_address:
-                    queue.insert(0, last.leader_address)
+                # A hint may name a leader that just died: follow it once, then rotate.
+                hint = last.leader_address or ""
+            self._sleep(min(1.0, 0.05 * 2**attempt))
         assert last is not None
         raise last
 
