@@ -81,6 +81,8 @@ class RaftSettings:
     request_timeout_s: float = 5.0
     # A learner is promoted once it is this close to the leader's last index.
     promote_within: int = 100
+    # Proposals waiting for the core; beyond this the node sheds load.
+    max_queued_proposals: int = 10_000
 
 
 class RaftLog:
@@ -327,6 +329,10 @@ class RaftLog:
     # -- the loop -------------------------------------------------------------------------
 
     async def _enqueue_proposal(self, envelope: bytes) -> int:
+        if len(self._proposals) >= self.settings.max_queued_proposals:
+            raise UnavailableError(
+                "too many proposals queued; retry later", retry_after_seconds=0.5
+            )
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._proposals.append((envelope, done))
         self._wake.set()

@@ -366,11 +366,14 @@ class Raft:
             self.send(MessageType.APPEND_RESP, m.src, index=self.log.committed)
             return
         try:
-            last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+            appended = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         except LogConflictError:
             self.dropped_messages += 1
             return
-        if last_new is not None:
+        if appended is not None:
+            last_new, replaced = appended
+            if replaced:
+                self._retract_acks(replaced)
             self.send(MessageType.APPEND_RESP, m.src, index=last_new)
             return
         hint_index = min(m.index, self.log.last_index())
@@ -404,9 +407,24 @@ class Raft:
             # entry, or the follower rejects every append and livelocks on snapshots).
             self.log.commit_to(meta.index)
         else:
+            self._retract_acks(self.log.committed + 1)
             self.log.restore(snapshot)
             self.membership.reset(meta.conf)
         self.send(MessageType.APPEND_RESP, m.src, index=self.log.committed)
+
+    def _retract_acks(self, first_replaced: int) -> None:
+        """Drops queued acks of entries that were just replaced in memory.
+
+        An ack is released only after the next Ready is persisted, and that Ready
+        will no longer contain these entries: sent, the ack would claim durable
+        entries this node never wrote (a leader of an older term could count it).
+        Acks already handed out in a Ready stay true: that Ready persists them first.
+        """
+        self.msgs = [
+            m
+            for m in self.msgs
+            if m.type != MessageType.APPEND_RESP or m.reject or m.index < first_replaced
+        ]
 
     def _handle_timeout_now(self, m: Message) -> None:
         if m.src == self.lead:

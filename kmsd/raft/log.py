@@ -120,22 +120,26 @@ class RaftLog:
 
     def maybe_append(
         self, prev_index: int, prev_term: int, commit: int, entries: tuple[Entry, ...]
-    ) -> int | None:
+    ) -> tuple[int, int] | None:
         """A follower's AppendEntries: None if (prev_index, prev_term) does not match,
-        else appends from the first conflicting entry and returns the last new index.
+        else appends from the first conflicting entry and returns (the last new index,
+        the first index whose existing entry was replaced, or 0).
         Raises LogConflictError if that would rewrite a committed entry."""
         if not self.match_term(prev_index, prev_term):
             return None
         last_new = prev_index + len(entries)
         conflict = self._find_conflict(entries)
+        replaced = 0
         if conflict:
             # Unreachable while callers answer prev_index < committed without
             # appending; kept so a committed entry can never be overwritten.
             if conflict <= self.committed:
                 raise LogConflictError(f"entry {conflict} conflicts with the committed log")
+            if conflict <= self.last_index():
+                replaced = conflict
             self.unstable.truncate_and_append(list(entries[conflict - prev_index - 1 :]))
         self.commit_to(min(commit, last_new))
-        return last_new
+        return last_new, replaced
 
     def _find_conflict(self, entries: tuple[Entry, ...]) -> int:
         """The index of the first entry not already in the log (0 if all are)."""

@@ -160,6 +160,9 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
             if peer is None:
                 self.dropped += 1
                 self.handler.report_unreachable(message.dst)
+                if message.type == MessageType.SNAPSHOT:
+                    # Raft keeps a follower in snapshot state until told how it went.
+                    self.handler.report_snapshot(message.dst, False)
             else:
                 peer.put(message)
 
