@@ -82,6 +82,17 @@ class CommandLog(Protocol):
         """True when this node may propose (always true for a single node)."""
         ...
 
+    def fresh_within(self, seconds: float) -> bool:
+        """True when this node's applied state may serve a bounded-staleness read now:
+        it heard from its leader (a leader: from a quorum) within `seconds`. Always
+        true for a single node."""
+        ...
+
+    @property
+    def applied_index(self) -> int:
+        """The index of the last command applied on this node."""
+        ...
+
     @property
     def failure(self) -> BaseException | None:
         """The fatal error that stopped the log, if any."""

@@ -226,7 +226,7 @@ class RaftLog:
     async def read_barrier(self, allow_stale_s: float = 0.0) -> int:
         """See the module docstring."""
         self._check_running()
-        if allow_stale_s > 0 and self._fresh_within(allow_stale_s):
+        if allow_stale_s > 0 and self.fresh_within(allow_stale_s):
             return self._applied
         context = self._rng.randbytes(16)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -551,7 +551,7 @@ class RaftLog:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _fresh_within(self, seconds: float) -> bool:
+    def fresh_within(self, seconds: float) -> bool:
         age = self._contact_age_ticks
         if age is None or not self._leader:
             return False

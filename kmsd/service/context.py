@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.clock import Clock
-from kmsd.crypto.keygen import new_symmetric_key_material
+from kmsd.crypto.keygen import material_id, new_symmetric_key_material
 from kmsd.crypto.seal import Seal, material_aad
 from kmsd.errors import InternalError, error_from_reason
 from kmsd.fsm.store import KeyStore
@@ -48,6 +48,23 @@ class MaterialCache:
     def __init__(self, seal: Seal) -> None:
         self._seal = seal
         self._plain: dict[tuple[str, int], bytes] = {}
+        self._uuids: dict[str, uuid.UUID] = {}
+        self._material_ids: dict[tuple[str, int], str] = {}
+
+    def key_uuid(self, key_id: str) -> uuid.UUID:
+        """The parsed UUID of a key id (parsed once: this is on every data-plane call)."""
+        parsed = self._uuids.get(key_id)
+        if parsed is None:
+            parsed = self._uuids[key_id] = uuid.UUID(key_id)
+        return parsed
+
+    def material_id(self, key_id: str, version: int) -> str:
+        """The public id of a material version (see `keygen.material_id`), cached."""
+        known = self._material_ids.get((key_id, version))
+        if known is None:
+            known = material_id(self.key_uuid(key_id), version)
+            self._material_ids[(key_id, version)] = known
+        return known
 
     def backing_key(self, key: fsm.KeyRecord, version: int) -> bytes:
         """The plaintext material of `version` of `key`; unwraps it on first use."""
@@ -67,6 +84,9 @@ class MaterialCache:
         """Drops every cached version of a deleted key."""
         for cached in [k for k in self._plain if k[0] == key_id]:
             del self._plain[cached]
+        self._uuids.pop(key_id, None)
+        for named in [k for k in self._material_ids if k[0] == key_id]:
+            del self._material_ids[named]
 
 
 @dataclass
@@ -119,6 +139,13 @@ class Kms:
         lags must not answer NotFound for a key created a moment ago elsewhere)."""
         await self.read()
         return self.names.resolve(self.store, key_ref, field)
+
+    def fresh_for_crypto(self, min_commit_index: int = 0) -> bool:
+        """True when a crypto operation may read the local state right now, without
+        awaiting anything (the common case on the data plane)."""
+        return min_commit_index <= self.log.applied_index and self.log.fresh_within(
+            self.max_staleness_s
+        )
 
     async def read(self, min_commit_index: int = 0, *, crypto: bool = False) -> None:
         """Waits until reading the local store is fresh enough and covers min_commit_index.

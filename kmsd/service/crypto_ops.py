@@ -7,7 +7,6 @@ keys and material are never logged.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
 
 from kms.fsm.v1 import commands_pb2 as fsm
@@ -15,7 +14,7 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
 from kmsd.crypto import ciphertext
-from kmsd.crypto.keygen import material_id, new_data_key
+from kmsd.crypto.keygen import new_data_key
 from kmsd.errors import (
     DryRunError,
     IncorrectKeyError,
@@ -54,13 +53,18 @@ def _usable(kms: Kms, key: fsm.KeyRecord, operation: str) -> str:
 
 def _encrypt_with(
     kms: Kms, key: fsm.KeyRecord, plaintext: bytes, context: Mapping[str, str]
-) -> tuple[bytes, str]:
+) -> tuple[bytes, int]:
+    """Encrypts under the key's newest material; returns the blob and that version."""
     version = key.materials[-1].version
-    key_uuid = uuid.UUID(key.key_id)
     blob = ciphertext.encrypt(
-        kms.materials.backing_key(key, version), key_uuid, version, plaintext, context, kms.rng
+        kms.materials.backing_key(key, version),
+        kms.materials.key_uuid(key.key_id),
+        version,
+        plaintext,
+        context,
+        kms.rng,
     )
-    return blob, material_id(key_uuid, version)
+    return blob, version
 
 
 def _decrypt_blob(
@@ -90,7 +94,7 @@ def _decrypt_blob(
         raise DryRunError()
     backing = kms.materials.backing_key(key, header.material_version)
     plaintext = ciphertext.decrypt(backing, blob, context)
-    return plaintext, key, material_id(header.key_id, header.material_version)
+    return plaintext, key, kms.materials.material_id(key.key_id, header.material_version)
 
 
 def _common(context: Mapping[str, str], grant_tokens: Sequence[str], field: str) -> None:
@@ -122,7 +126,8 @@ async def _crypto_read(
 ) -> None:
     """A bounded-staleness read; if this replica does not know a key or material version
     the request names (created moments ago elsewhere), a linearizable read first."""
-    await kms.read(min_commit_index, crypto=True)
+    if not kms.fresh_for_crypto(min_commit_index):
+        await kms.read(min_commit_index, crypto=True)
     if any(ref and not _knows_key(kms, ref) for ref in key_refs) or (
         blob and not _knows_material(kms, blob)
     ):
@@ -207,7 +212,7 @@ async def re_encrypt(kms: Kms, request: pb.ReEncryptRequest) -> pb.ReEncryptResp
     )
     if request.dry_run:
         raise DryRunError()
-    blob, destination_material = _encrypt_with(
+    blob, destination_version = _encrypt_with(
         kms, destination, plaintext, request.destination_encryption_context
     )
     return pb.ReEncryptResponse(
@@ -217,7 +222,9 @@ async def re_encrypt(kms: Kms, request: pb.ReEncryptRequest) -> pb.ReEncryptResp
         source_encryption_algorithm=SYMMETRIC,
         destination_encryption_algorithm=SYMMETRIC,
         source_key_material_id=source_material,
-        destination_key_material_id=destination_material,
+        destination_key_material_id=kms.materials.material_id(
+            destination.key_id, destination_version
+        ),
     )
 
 
@@ -254,8 +261,8 @@ async def _data_key(
     if dry_run:
         raise DryRunError()
     data_key = new_data_key(length, kms.rng)
-    blob, used = _encrypt_with(kms, key, data_key, context)
-    return data_key, blob, arn, used
+    blob, version = _encrypt_with(kms, key, data_key, context)
+    return data_key, blob, arn, kms.materials.material_id(key.key_id, version)
 
 
 async def generate_data_key(

@@ -40,6 +40,9 @@ class Names:
 
     def resolve(self, store: KeyStore, key_ref: str, field: str = "key_id") -> fsm.KeyRecord:
         """The key a KeyId parameter names; NotFoundError if none."""
+        known = store.key(key_ref)  # the common case: a plain key id, on the hot path
+        if known is not None:
+            return known
         key_id = self.key_id_of(store, key_ref, field)
         key = store.key(key_id)
         if key is None:
