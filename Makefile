@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test lint proto bench compose-test clean
+.PHONY: setup run test lint proto bench bench-cluster compose-test chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: $(STAMP)
 ## Build the images (no registry) and run the docker-compose tests; needs root or docker.
 compose-test: $(STAMP)
 	$(BIN)/pytest tests/compose -q -s
+
+## Long chaos soak: real nodes under kills, pauses, partitions, slow links and torn WAL
+## tails, histories checked. KMSD_CHAOS_SECONDS (default 600), KMSD_CHAOS_SEEDS,
+## KMSD_CHAOS_NODES (3|5), KMSD_CHAOS_FAULTS.
+chaos: $(STAMP)
+	KMSD_CHAOS_SECONDS=$${KMSD_CHAOS_SECONDS:-600} $(BIN)/pytest tests/chaos/test_chaos_soak.py -q -s
 
 clean:
 	rm -rf $(VENV) .kmsd-dev .pytest_cache .mypy_cache .ruff_cache

@@ -19,9 +19,11 @@ leader changes before it commits fails with UnavailableError: it may or may not
 commit later, which is why mutating requests carry a request_id.
 
 Reads: `read_barrier` is ReadIndex (linearizable). With `allow_stale_s`, a node
-that heard from its leader (or, as leader, from a quorum) within that bound
-answers from its applied state at once; a node cut off for longer goes through
-ReadIndex, which fails when there is no quorum.
+whose applied state is provably at most that old answers from it at once: every
+tick the node sends a read-index probe, and once it has applied the probe's index
+its state is as new as the probe's send time (its own monotonic clock, so a pause
+or a slow link only makes it older). Otherwise it goes through ReadIndex, which
+fails when there is no quorum.
 """
 
 from __future__ import annotations
@@ -133,8 +135,12 @@ class RaftLog:
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._stopping = False
-        self._loop_time_of_tick = 0.0
-        self._contact_age_ticks: int | None = None
+        # Bounded staleness, measured on this node's own monotonic clock: a read-index
+        # probe sent at time T whose index this node has applied proves the local state
+        # is at least as new as T, whatever the link delay or a process pause was.
+        self._probe: tuple[bytes, float] | None = None
+        self._probe_index: tuple[int, float] | None = None
+        self._fresh_as_of = float("-inf")
         self._status: Status | None = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -365,10 +371,24 @@ class RaftLog:
         self._raw.tick()
         status = self._raw.status()
         self._status = status
-        self._contact_age_ticks = status.ticks_since_leader_contact
-        self._loop_time_of_tick = asyncio.get_running_loop().time()
+        self._probe_freshness()
         if status.role == Role.LEADER:
             self._maybe_promote(status)
+
+    def _probe_freshness(self) -> None:
+        """Starts a read-index probe unless one is under way (a lost one expires)."""
+        assert self._raw is not None
+        now = asyncio.get_running_loop().time()
+        lost_after = 2 * self.settings.election_ticks * self.settings.tick_seconds
+        if self._probe is not None and now - self._probe[1] < lost_after:
+            return
+        context = b"probe:" + self._rng.randbytes(8)
+        try:
+            self._raw.read_index(context)
+        except RaftError:
+            self._probe = None  # no leader known: stay unfresh until there is one
+            return
+        self._probe = (context, now)
 
     def _feed(self) -> None:
         """Hands queued inputs to the core."""
@@ -431,6 +451,10 @@ class RaftLog:
         for entry in ready.committed_entries:
             self._apply(entry)
         for read in ready.read_states:
+            if self._probe is not None and read.context == self._probe[0]:
+                self._probe_index = (read.index, self._probe[1])
+                self._probe = None
+                continue
             waiter = self._read_waiters.get(read.context)
             if waiter is not None:
                 _settle(waiter, result=read.index)
@@ -486,6 +510,9 @@ class RaftLog:
         self._snapshot_index = index
 
     def _wake_appliers(self) -> None:
+        if self._probe_index is not None and self._applied >= self._probe_index[0]:
+            self._fresh_as_of = max(self._fresh_as_of, self._probe_index[1])
+            self._probe_index = None
         still: list[tuple[int, asyncio.Future[None]]] = []
         for index, done in self._apply_waiters:
             if self._applied >= index:
@@ -552,11 +579,9 @@ class RaftLog:
     # -- helpers ------------------------------------------------------------------------
 
     def fresh_within(self, seconds: float) -> bool:
-        age = self._contact_age_ticks
-        if age is None or not self._leader:
-            return False
-        since_tick = asyncio.get_running_loop().time() - self._loop_time_of_tick
-        return age * self.settings.tick_seconds + since_tick <= seconds
+        """True if this node's applied state is provably at most `seconds` old: it
+        applied the read index of a probe it sent less than `seconds` ago."""
+        return asyncio.get_running_loop().time() - self._fresh_as_of <= seconds
 
     def _check_running(self) -> None:
         if self._failure is not None:
