@@ -15,12 +15,15 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 
+from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.server import CLUSTER_SERVICE_NAME, SERVICE_NAME, build_server
+from kmsd.audit.writer import AuditWriter
 from kmsd.clock import Clock, SystemClock
 from kmsd.config import Config
 from kmsd.crypto.seal import FileSeal
@@ -32,6 +35,9 @@ from kmsd.service.context import Kms
 from kmsd.service.names import Names
 from kmsd.service.scheduler import Scheduler
 from kmsd.transport.grpc_transport import GrpcTransport
+
+if TYPE_CHECKING:
+    from kmsd.crypto.pkcs11_seal import Pkcs11Seal
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,25 @@ class SealMissing(Exception):
     """A cluster node was started without the cluster's root key."""
 
 
+def open_seal(config: Config) -> FileSeal | Pkcs11Seal:
+    """The seal `[seal].type` names. Raises ValueError (Pkcs11SealError) or SealMissing
+    with a message naming what to fix."""
+    if config.seal.type == "pkcs11":
+        from kmsd.crypto.pkcs11_seal import Pkcs11Seal, read_pin
+
+        return Pkcs11Seal.open(
+            module=config.seal.module,
+            token_label=config.seal.token_label,
+            key_label=config.seal.key_label,
+            pin=read_pin(config.seal_pin_file, config.seal.pin_env),
+            create_key=config.seal.create_key,
+        )
+    # A cluster's nodes must share one root key: never make a new one for a node.
+    if config.clustered:
+        return _load_shared_seal(config.seal_path)
+    return FileSeal.load_or_create(config.seal_path)
+
+
 class Node:
     """A running single-zone kmsd node."""
 
@@ -87,16 +112,24 @@ class Node:
         self.command_log: SingleNodeLog | RaftLog | None = None
         self.transport: GrpcTransport | None = None
         self.scheduler: Scheduler | None = None
+        self.audit: AuditWriter | None = None
+        self._health: health.aio.HealthServicer | None = None
 
     async def start(self) -> None:
         config = self.config
         self._lock_fd = _lock_data_dir(config.data_dir)
-        # A cluster's nodes must share one root key: never make a new one for a node.
-        seal = (
-            _load_shared_seal(config.seal_path)
-            if config.clustered
-            else FileSeal.load_or_create(config.seal_path)
-        )
+        if config.audit.enabled:
+            # Before anything serves: a node that cannot audit does not start.
+            self.audit = AuditWriter(
+                config.audit_dir,
+                config.node_id,
+                clock=self._clock,
+                max_file_bytes=config.audit.max_file_bytes,
+                fsync=config.audit.fsync,
+                on_availability=self._on_audit_availability,
+            )
+            await self.audit.start()
+        seal = open_seal(config)
         store = KeyStore()
         command_log = self._command_log(store)
         await command_log.start()
@@ -112,8 +145,12 @@ class Node:
             rng=self._rng,
             max_staleness_s=config.raft.max_staleness_ms / 1000,
         )
-        cluster = ClusterServicer(command_log, config.node_id, config.listen)
-        self._server, self.port, health_servicer = build_server(self.kms, config.listen, cluster)
+        hook = None if self.audit is None else AuditHook(self.audit, self.kms.names, store)
+        cluster = ClusterServicer(command_log, config.node_id, config.listen, hook)
+        self._server, self.port, health_servicer = build_server(
+            self.kms, config.listen, cluster, hook
+        )
+        self._health = health_servicer
         await self._server.start()
         for service in ("", SERVICE_NAME, CLUSTER_SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -160,6 +197,17 @@ class Node:
             on_fatal=self._on_fatal,
         )
 
+    def _on_audit_availability(self, available: bool) -> None:
+        # While the audit log cannot be written every request is refused: say so.
+        if self._health is not None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if available
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", SERVICE_NAME, CLUSTER_SERVICE_NAME):
+                asyncio.ensure_future(self._health.set(service, status))
+
     def _on_fatal(self, error: BaseException) -> None:
         log.critical("stopping: the command log failed: %s", error)
         self._fatal = error
@@ -181,6 +229,8 @@ class Node:
         if self._server is not None:
             await self._server.stop(grace=2.0)
             self._server = None
+        if self.audit is not None:
+            await self.audit.stop()
         if self.kms is not None:
             await self.kms.log.stop()
         if self._lock_fd >= 0:

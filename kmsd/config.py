@@ -6,6 +6,7 @@ with a message naming the option (`[seal].path: ...`), never later.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT = "111122223333"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class ConfigError(Exception):
@@ -21,10 +23,17 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SealConfig:
-    """Where the root key comes from."""
+    """Where the root key comes from: a file, or an HSM through PKCS#11 (docs/hsm.md)."""
 
     type: str = "file"
     path: Path = Path("root.key")
+    # type = "pkcs11" only:
+    module: str = ""
+    token_label: str = ""
+    key_label: str = ""
+    pin_file: Path | None = None
+    pin_env: str = ""
+    create_key: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,16 @@ class RaftConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (docs/audit.md)."""
+
+    enabled: bool = True
+    path: Path | None = None
+    max_file_bytes: int = 64 * 1024 * 1024
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """A kmsd node's configuration."""
 
@@ -65,6 +84,7 @@ class Config:
     snapshot_every: int = 10_000
     scheduler_interval_seconds: float = 60.0
     log_level: str = "INFO"
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def clustered(self) -> bool:
@@ -75,6 +95,21 @@ class Config:
     def seal_path(self) -> Path:
         """The seal file, relative paths taken from data_dir."""
         return self.seal.path if self.seal.path.is_absolute() else self.data_dir / self.seal.path
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log's directory: `[audit].path`, relative paths taken from data_dir;
+        default `<data_dir>/audit`."""
+        path = self.audit.path or Path("audit")
+        return path if path.is_absolute() else self.data_dir / path
+
+    @property
+    def seal_pin_file(self) -> Path | None:
+        """The pkcs11 seal's PIN file, relative paths taken from data_dir."""
+        pin_file = self.seal.pin_file
+        if pin_file is None or pin_file.is_absolute():
+            return pin_file
+        return self.data_dir / pin_file
 
 
 _Types = type | tuple[type, ...]
@@ -95,9 +130,19 @@ _SCHEMA: dict[str, dict[str, _Types]] = {
         "request_timeout_seconds": (int, float),
         "max_staleness_ms": int,
     },
-    "seal": {"type": str, "path": str},
+    "seal": {
+        "type": str,
+        "path": str,
+        "module": str,
+        "token_label": str,
+        "key_label": str,
+        "pin_file": str,
+        "pin_env": str,
+        "create_key": bool,
+    },
     "log": {"snapshot_every": int},
     "scheduler": {"interval_seconds": (int, float)},
+    "audit": {"enabled": bool, "path": str, "max_file_bytes": int, "fsync": bool},
 }
 _MEMBER_SCHEMA: dict[str, _Types] = {"id": int, "peer_address": str, "client_address": str}
 
@@ -137,6 +182,41 @@ def _members(raw: list[Any]) -> tuple[MemberConfig, ...]:
     return tuple(members)
 
 
+_FILE_SEAL_OPTIONS = ("path",)
+_PKCS11_SEAL_OPTIONS = ("module", "token_label", "key_label", "pin_file", "pin_env", "create_key")
+
+
+def _seal(table: dict[str, Any]) -> SealConfig:
+    seal_type = table.get("type", "file")
+    own = {"file": _FILE_SEAL_OPTIONS, "pkcs11": _PKCS11_SEAL_OPTIONS}.get(seal_type)
+    for name in (*_FILE_SEAL_OPTIONS, *_PKCS11_SEAL_OPTIONS):
+        if own is not None and name in table and name not in own:
+            raise ConfigError(f'[seal].{name}: not an option of [seal].type = "{seal_type}"')
+    if table.get("pin_file") == "":
+        raise ConfigError("[seal].pin_file: must not be empty")
+    return SealConfig(
+        type=seal_type,
+        path=Path(table.get("path", "root.key")),
+        module=table.get("module", ""),
+        token_label=table.get("token_label", ""),
+        key_label=table.get("key_label", ""),
+        pin_file=Path(table["pin_file"]) if "pin_file" in table else None,
+        pin_env=table.get("pin_env", ""),
+        create_key=table.get("create_key", False),
+    )
+
+
+def _audit(table: dict[str, Any]) -> AuditConfig:
+    if table.get("path") == "":
+        raise ConfigError("[audit].path: must not be empty")
+    return AuditConfig(
+        enabled=table.get("enabled", True),
+        path=Path(table["path"]) if "path" in table else None,
+        max_file_bytes=table.get("max_file_bytes", AuditConfig.max_file_bytes),
+        fsync=table.get("fsync", True),
+    )
+
+
 def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Validates a parsed config table; relative data_dir is taken from base_dir."""
     for section, table in raw.items():
@@ -171,12 +251,10 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         ),
         region=cluster.get("region", DEFAULT_REGION),
         account=cluster.get("account", DEFAULT_ACCOUNT),
-        seal=SealConfig(
-            type=raw.get("seal", {}).get("type", "file"),
-            path=Path(raw.get("seal", {}).get("path", "root.key")),
-        ),
+        seal=_seal(raw.get("seal", {})),
         snapshot_every=raw.get("log", {}).get("snapshot_every", 10_000),
         scheduler_interval_seconds=float(raw.get("scheduler", {}).get("interval_seconds", 60.0)),
+        audit=_audit(raw.get("audit", {})),
     )
     validate(config)
     return config
@@ -229,16 +307,44 @@ def _validate_cluster(config: Config) -> None:
         raise ConfigError("[raft].max_staleness_ms: must not be negative")
 
 
+def _validate_pkcs11_seal(seal: SealConfig) -> None:
+    where = '[seal].type = "pkcs11"'
+    if not seal.module:
+        raise ConfigError(
+            f"[seal].module: required with {where} (the HSM's PKCS#11 library, "
+            "e.g. /usr/lib/softhsm/libsofthsm2.so)"
+        )
+    if not seal.token_label:
+        raise ConfigError(f"[seal].token_label: required with {where}")
+    if len(seal.token_label.encode("utf-8")) > 32:
+        raise ConfigError("[seal].token_label: a PKCS#11 token label is at most 32 bytes")
+    if not seal.key_label:
+        raise ConfigError(f"[seal].key_label: required with {where}")
+    if (seal.pin_file is None) == (not seal.pin_env):
+        raise ConfigError(
+            f"[seal].pin_file: set exactly one of pin_file and pin_env with {where} "
+            "(the PIN is never taken from the command line)"
+        )
+    if seal.pin_env and not _ENV_NAME.fullmatch(seal.pin_env):
+        raise ConfigError(f"[seal].pin_env: '{seal.pin_env}' is not an environment variable name")
+
+
 def validate(config: Config) -> None:
     """Checks values (not just types); raises ConfigError naming the option."""
     _address("[node].listen", config.listen)
     _validate_cluster(config)
-    if config.seal.type != "file":
-        raise ConfigError(f"[seal].type: '{config.seal.type}' is not supported (supported: file)")
+    if config.seal.type not in ("file", "pkcs11"):
+        raise ConfigError(
+            f"[seal].type: '{config.seal.type}' is not supported (supported: file, pkcs11)"
+        )
+    if config.seal.type == "pkcs11":
+        _validate_pkcs11_seal(config.seal)
     if not config.region or ":" in config.region:
         raise ConfigError(f"[cluster].region: '{config.region}' is not a region name")
     if not (config.account.isdigit() and len(config.account) == 12):
         raise ConfigError(f"[cluster].account: '{config.account}' is not a 12-digit account id")
+    if config.audit.max_file_bytes < 4096:
+        raise ConfigError("[audit].max_file_bytes: must be at least 4096")
     if config.snapshot_every < 1:
         raise ConfigError("[log].snapshot_every: must be at least 1")
     if config.scheduler_interval_seconds <= 0:

@@ -7,11 +7,15 @@ membership operations answer UnsupportedOperationException.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from kms.v1 import cluster_service_pb2 as pb
 from kms.v1 import cluster_service_pb2_grpc as pb_grpc
 
+from kmsd.api.audit import AuditHook
 from kmsd.api.status import to_grpc_status
 from kmsd.errors import (
     KmsError,
@@ -26,6 +30,7 @@ from kmsd.log.raft_log import RaftLog
 from kmsd.raft import Role
 
 Ctx = grpc.aio.ServicerContext[object, object]
+Resp = TypeVar("Resp")
 
 _ROLES = {
     Role.FOLLOWER: pb.NODE_ROLE_FOLLOWER,
@@ -38,10 +43,29 @@ _ROLES = {
 class ClusterServicer(pb_grpc.ClusterServiceServicer):
     """Serves kms.v1.ClusterService from one node's command log."""
 
-    def __init__(self, log: CommandLog, node_id: int, client_address: str) -> None:
+    def __init__(
+        self,
+        log: CommandLog,
+        node_id: int,
+        client_address: str,
+        audit: AuditHook | None = None,
+    ) -> None:
         self._log = log
         self._node_id = node_id
         self._client_address = client_address
+        self._audit = audit
+
+    async def _call(
+        self, request: Message, context: Ctx, body: Callable[[], Awaitable[Resp]]
+    ) -> Resp:
+        """Runs one RPC's body (which raises KmsError), recorded when auditing is on."""
+        if self._audit is not None:
+            return await self._audit.call(request, context, body)
+        try:
+            return await body()
+        except KmsError as error:
+            await context.abort_with_status(to_grpc_status(error))
+            raise AssertionError("abort_with_status returned") from error  # pragma: no cover
 
     def _raft(self) -> RaftLog:
         if not isinstance(self._log, RaftLog):
@@ -51,6 +75,9 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
     async def GetClusterStatus(
         self, request: pb.GetClusterStatusRequest, context: Ctx
     ) -> pb.GetClusterStatusResponse:
+        return await self._call(request, context, self._status)
+
+    async def _status(self) -> pb.GetClusterStatusResponse:
         if not isinstance(self._log, RaftLog):
             applied = await self._log.read_barrier()
             return pb.GetClusterStatusResponse(
@@ -103,51 +130,53 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         return response
 
     async def AddMember(self, request: pb.AddMemberRequest, context: Ctx) -> pb.AddMemberResponse:
-        try:
-            raft = self._raft()
-            if request.node_id < 1:
-                raise ValidationError("node_id", "must be a positive integer")
-            for field in ("peer_address", "client_address"):
-                if ":" not in getattr(request, field):
-                    raise ValidationError(field, "must be host:port")
-            if request.node_id in raft.members or request.node_id in raft.status().conf.voters:
-                raise ValidationError("node_id", f"node {request.node_id} is already a member")
-            index = await raft.add_member(
-                Member(request.node_id, request.peer_address, request.client_address)
-            )
-        except KmsError as error:
-            await context.abort_with_status(to_grpc_status(error))
+        return await self._call(request, context, lambda: self._add_member(request))
+
+    async def _add_member(self, request: pb.AddMemberRequest) -> pb.AddMemberResponse:
+        raft = self._raft()
+        if request.node_id < 1:
+            raise ValidationError("node_id", "must be a positive integer")
+        for field in ("peer_address", "client_address"):
+            if ":" not in getattr(request, field):
+                raise ValidationError(field, "must be host:port")
+        if request.node_id in raft.members or request.node_id in raft.status().conf.voters:
+            raise ValidationError("node_id", f"node {request.node_id} is already a member")
+        index = await raft.add_member(
+            Member(request.node_id, request.peer_address, request.client_address)
+        )
         return pb.AddMemberResponse(commit_index=index)
 
     async def RemoveMember(
         self, request: pb.RemoveMemberRequest, context: Ctx
     ) -> pb.RemoveMemberResponse:
-        try:
-            raft = self._raft()
-            conf = raft.status().conf
-            if request.node_id not in conf.voters | conf.learners:
-                raise NotFoundError(f"node {request.node_id} is not a member")
-            index = await raft.remove_member(request.node_id)
-        except KmsError as error:
-            await context.abort_with_status(to_grpc_status(error))
+        return await self._call(request, context, lambda: self._remove_member(request))
+
+    async def _remove_member(self, request: pb.RemoveMemberRequest) -> pb.RemoveMemberResponse:
+        raft = self._raft()
+        conf = raft.status().conf
+        if request.node_id not in conf.voters | conf.learners:
+            raise NotFoundError(f"node {request.node_id} is not a member")
+        index = await raft.remove_member(request.node_id)
         return pb.RemoveMemberResponse(commit_index=index)
 
     async def TransferLeadership(
         self, request: pb.TransferLeadershipRequest, context: Ctx
     ) -> pb.TransferLeadershipResponse:
-        try:
-            raft = self._raft()
-            if request.node_id not in raft.status().conf.voters:
-                raise NotFoundError(f"node {request.node_id} is not a voter")
-            raft.transfer_leadership(request.node_id)
-            # Leadership moves within an election timeout when the target is caught up.
-            deadline = asyncio.get_running_loop().time() + raft.settings.request_timeout_s
-            while raft.leader_id != request.node_id:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise UnavailableError(
-                        f"node {request.node_id} did not take over in time; is it caught up?"
-                    )
-                await asyncio.sleep(raft.settings.tick_seconds)
-        except KmsError as error:
-            await context.abort_with_status(to_grpc_status(error))
+        return await self._call(request, context, lambda: self._transfer_leadership(request))
+
+    async def _transfer_leadership(
+        self, request: pb.TransferLeadershipRequest
+    ) -> pb.TransferLeadershipResponse:
+        raft = self._raft()
+        if request.node_id not in raft.status().conf.voters:
+            raise NotFoundError(f"node {request.node_id} is not a voter")
+        raft.transfer_leadership(request.node_id)
+        # Leadership moves within an election timeout when the target is caught up.
+        deadline = asyncio.get_running_loop().time() + raft.settings.request_timeout_s
+        while raft.leader_id != request.node_id:
+            if asyncio.get_running_loop().time() > deadline:
+                raise UnavailableError(
+                    f"node {request.node_id} did not take over in time; is it caught up?"
+                )
+            await asyncio.sleep(raft.settings.tick_seconds)
         return pb.TransferLeadershipResponse()

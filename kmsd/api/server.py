@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kms.v1 import cluster_service_pb2, cluster_service_pb2_grpc, kms_service_pb2
 
+from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.servicer import Ctx, KeyManagementServicer
 from kmsd.api.status import to_grpc_status
@@ -27,10 +30,20 @@ async def _bad_request(context: Ctx, type_name: str) -> None:
     )
 
 
+def _audited_bad_request(audit: AuditHook) -> Callable[[Ctx, str], Awaitable[None]]:
+    async def bad_request(context: Ctx, type_name: str) -> None:
+        error = ValidationError("request", f"is not a valid {type_name} message")
+        await audit.refused(context, type_name, error)  # aborts if it cannot record
+        await context.abort_with_status(to_grpc_status(error))
+
+    return bad_request
+
+
 def build_server(
-    kms: Kms, listen: str, cluster: ClusterServicer
+    kms: Kms, listen: str, cluster: ClusterServicer, audit: AuditHook | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A started-ready (not yet started) server bound to `listen`; returns it and its port."""
+    """A started-ready (not yet started) server bound to `listen`; returns it and its port.
+    With `audit`, every KeyManagementService call is recorded (docs/audit.md)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -38,8 +51,9 @@ def build_server(
         ]
     )
     service = kms_service_pb2.DESCRIPTOR.services_by_name["KeyManagementService"]
+    on_bad = _bad_request if audit is None else _audited_bad_request(audit)
     server.add_generic_rpc_handlers(
-        (parsing_handler(service, kms_service_pb2, KeyManagementServicer(kms), _bad_request),)
+        (parsing_handler(service, kms_service_pb2, KeyManagementServicer(kms, audit), on_bad),)
     )
     cluster_service_pb2_grpc.add_ClusterServiceServicer_to_server(cluster, server)
     health_servicer = health.aio.HealthServicer()

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
+from kmsd.api.audit import AuditHook
 from kmsd.api.status import to_grpc_status
 from kmsd.errors import InternalError, KmsError
 from kmsd.service import aliases, crypto_ops, keys, rotation, tags
@@ -36,8 +37,20 @@ async def _abort(context: Ctx, error: KmsError) -> NoReturn:
 class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
     """Serves kms.v1.KeyManagementService from one node's `Kms`."""
 
-    def __init__(self, kms: Kms) -> None:
+    def __init__(self, kms: Kms, audit: AuditHook | None = None) -> None:
         self._kms = kms
+        self._audit = audit
+
+    async def _run(self, operation: Callable[[Kms, Req], Awaitable[Resp]], request: Req) -> Resp:
+        try:
+            known_enum_values(request)
+            return await operation(self._kms, request)
+        except KmsError:
+            raise
+        except Exception as error:
+            # The traceback names code, never request contents (which may be plaintext).
+            log.exception("internal error in %s", operation.__name__)
+            raise InternalError("internal error") from error
 
     async def _call(
         self,
@@ -45,15 +58,13 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         request: Req,
         context: Ctx,
     ) -> Resp:
+        # Every RPC goes through here: with auditing on, the hook records its outcome.
+        if self._audit is not None:
+            return await self._audit.call(request, context, lambda: self._run(operation, request))
         try:
-            known_enum_values(request)
-            return await operation(self._kms, request)
+            return await self._run(operation, request)
         except KmsError as error:
             await _abort(context, error)
-        except Exception:
-            # The traceback names code, never request contents (which may be plaintext).
-            log.exception("internal error in %s", operation.__name__)
-            await _abort(context, InternalError("internal error"))
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Ctx) -> pb.CreateKeyResponse:
         return await self._call(keys.create_key, request, context)

@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
-from kms_client import cluster_cli
+from kms_client import audit_cli, cluster_cli
 from kms_client._enums import aws_name, aws_names, enum_value
 from kms_client._version import __version__
 from kms_client.client import DEFAULT_ENDPOINT, KmsClient
@@ -837,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_command=command)
     cluster = cluster_cli.configure(sub)
     _add_global_options(cluster, top_level=False)
+    audit_cli.configure(sub)  # offline: no endpoint or TLS options
     return parser
 
 
@@ -904,6 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.command == "audit":
+        return audit_cli.run(args)
     if args.command == "cluster":
         try:
             return cluster_cli.run(args, _endpoints(args), args.timeout)
