@@ -37,6 +37,10 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.data_plane
 
+## Cluster benchmarks: 3-node kmsd vs 3-node etcd writes, failover, fsync floor.
+bench-cluster: $(STAMP)
+	$(BIN)/python -m bench.cluster
+
 ## Build the images (no registry) and run the docker-compose tests; needs root or docker.
 compose-test: $(STAMP)
 	$(BIN)/pytest tests/compose -q -s
