@@ -65,6 +65,7 @@ from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from bench.cluster_etcd import EtcdCluster, EtcdUnavailable, ensure_etcd, etcd_stubs
 from bench.cluster_kmsd import KmsdCluster
 from bench.cluster_procs import Children, cpu_seconds
+from kms_client import KmsClient, KmsClientError
 
 __all__ = ["GOAL_FAILOVER_S", "GOAL_RATIO", "main"]
 
@@ -498,8 +499,6 @@ class _Load:
         survivors: list[int],
         client_attempts: int | None = None,
     ) -> None:
-        from kms_client import KmsClient
-
         self.cluster = cluster
         self.key_id = key_id
         self.survivors = survivors
@@ -664,7 +663,6 @@ def run_trial(
     cluster: KmsdCluster,
     key_id: str,
     writers: int,
-    progress: Callable[[str], None],
     settle: float = 1.0,
     after: float = 1.0,
     max_wait: float = 15.0,
@@ -726,14 +724,12 @@ def run_trial(
 def run_failover(
     cluster: KmsdCluster, settings: Settings, progress: Callable[[str], None]
 ) -> list[Trial]:
-    from kms_client import KmsClient
-
     with KmsClient(cluster.endpoints) as client:
         key_id = client.create_key(description="bench.cluster crypto").key_metadata.key_id
     trials = []
     for index in range(settings.trials):
         trial = run_trial(
-            cluster, key_id, settings.writers, progress, client_attempts=settings.client_attempts
+            cluster, key_id, settings.writers, client_attempts=settings.client_attempts
         )
         trials.append(trial)
         progress(f"  failover {index + 1}/{settings.trials}: {trial_line(trial)}")
@@ -991,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; every process started was stopped", file=sys.stderr)
         return 130
-    except (grpc.RpcError, RuntimeError, OSError) as error:
+    except (grpc.RpcError, KmsClientError, RuntimeError, OSError) as error:
         print(f"bench: failed: {error}", file=sys.stderr)
         print(f"bench: logs under {tmp}", file=sys.stderr)
         args.keep = True
