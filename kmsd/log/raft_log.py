@@ -128,6 +128,7 @@ class RaftLog:
         self._proposals: deque[tuple[bytes, asyncio.Future[int]]] = deque()
         self._conf_changes: deque[tuple[ConfChange, asyncio.Future[int]]] = deque()
         self._reads: deque[bytes] = deque()
+        self._deferred_reads: list[bytes] = []
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._pending: dict[bytes, asyncio.Future[Applied]] = {}
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -369,6 +370,9 @@ class RaftLog:
     def _tick(self) -> None:
         assert self._raw is not None
         self._raw.tick()
+        if self._deferred_reads:
+            self._reads.extend(self._deferred_reads)
+            self._deferred_reads.clear()
         status = self._raw.status()
         self._status = status
         self._probe_freshness()
@@ -415,14 +419,18 @@ class RaftLog:
                 _settle(done, exception=UnavailableError(f"membership change refused: {error}"))
             except ValueError as error:  # e.g. a removed id, or the last voter
                 _settle(done, exception=ValidationError("node_id", str(error)))
+        deferred: list[bytes] = []
         while self._reads:
             context = self._reads.popleft()
             try:
                 raw.read_index(context)
             except RaftError:
+                # No leader yet (an election): wait for one, within the read's timeout,
+                # rather than fail a read that a new leader answers in a second.
                 waiter = self._read_waiters.get(context)
-                if waiter is not None:
-                    _settle(waiter, exception=self._no_leader())
+                if waiter is not None and not waiter.done():
+                    deferred.append(context)
+        self._deferred_reads.extend(deferred)
 
     async def _handle_ready(self, ready: Ready) -> None:
         loop = asyncio.get_running_loop()
@@ -476,8 +484,8 @@ class RaftLog:
             )
             for done in self._pending.values():
                 _settle(done, exception=error)
-            for waiter in self._read_waiters.values():
-                _settle(waiter, exception=self._no_leader())
+            # Reads are only delayed: ask the new leader (their timeout still bounds them).
+            self._reads.extend(c for c, w in self._read_waiters.items() if not w.done())
 
     def _apply(self, entry: Entry) -> None:
         if entry.type == EntryType.NORMAL and len(entry.data) >= _ENVELOPE.size:
