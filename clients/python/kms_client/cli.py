@@ -802,8 +802,8 @@ def _add_global_options(p: argparse.ArgumentParser, *, top_level: bool) -> None:
     p.add_argument(
         "--max-attempts",
         type=int,
-        default=default(5),
-        help="attempts per call when the cluster is unavailable (default 5)",
+        default=default(8),
+        help="attempts per call when the cluster is unavailable (default 8)",
     )
     # TLS is off unless one of these is given (kmsd dev's plaintext loopback mode).
     p.add_argument("--tls-ca", default=default(None), metavar="PATH", help="TLS: CA bundle (PEM)")

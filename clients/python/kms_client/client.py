@@ -75,7 +75,8 @@ class KmsClient:
         *,
         timeout: float = 10.0,
         credentials: grpc.ChannelCredentials | None = None,
-        max_attempts: int = 5,
+        # Enough that backoff (0.05 s doubling, capped at 2 s) outlasts a 1-2 s election.
+        max_attempts: int = 8,
         initial_backoff: float = 0.05,
         max_backoff: float = 2.0,
         metadata: Sequence[tuple[str, str]] = (),
