@@ -76,7 +76,8 @@ def test_reset_breaks_live_and_new_connections(net: tuple[ProxyNet, int]) -> Non
             sock.sendall(b"x")
             if not sock.recv(4096):
                 raise ConnectionResetError
-    with _connect(port) as sock, pytest.raises((ConnectionResetError, BrokenPipeError)):
+    # A new connection is reset too: while connecting, or at its first use.
+    with pytest.raises((ConnectionResetError, BrokenPipeError)), _connect(port) as sock:
         sock.sendall(b"x")
         if not sock.recv(4096):
             raise ConnectionResetError
@@ -91,5 +92,5 @@ def test_delay_adds_latency_one_way(net: tuple[ProxyNet, int]) -> None:
     with _connect(port) as sock:
         started = time.monotonic()
         assert _echo(sock) == b"ping"
-        assert 0.3 <= time.monotonic() - started < 2.0
+        assert time.monotonic() - started >= 0.3  # at least the delay (no upper bound: load)
     assert "1->2:pass+300ms" in proxies.describe()
