@@ -142,7 +142,6 @@ class RaftLog:
         self._probe: tuple[bytes, float] | None = None
         self._probe_index: tuple[int, float] | None = None
         self._fresh_as_of = float("-inf")
-        self._status: Status | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -374,7 +373,6 @@ class RaftLog:
             self._reads.extend(self._deferred_reads)
             self._deferred_reads.clear()
         status = self._raw.status()
-        self._status = status
         self._probe_freshness()
         if status.role == Role.LEADER:
             self._maybe_promote(status)

@@ -10,12 +10,11 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
 from kmsd.crypto.keygen import material_id
+from kmsd.fsm.store import DEFAULT_ROTATION_PERIOD_DAYS
 from kmsd.service import validate
 from kmsd.service.context import Kms
 from kmsd.service.paging import page
 from kmsd.service.views import timestamp
-
-DEFAULT_ROTATION_PERIOD_DAYS = 365
 
 
 async def enable_key_rotation(
