@@ -67,6 +67,35 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may do what (docs/security.md). Principals are the identities mutual TLS
+    gives callers: a client certificate's URI SAN, else its subject CN."""
+
+    # False turns authorization off entirely (benchmarks, migrations): every caller
+    # may do everything. Logged loudly at start.
+    enabled: bool = True
+    # Full access to every key whatever its policy (AWS: the account's root and
+    # IAM administrators), and the principals `arn:aws:iam::<account>:root` names.
+    administrators: tuple[str, ...] = ()
+    # May call ClusterService (status, add/remove member, transfer leadership).
+    operators: tuple[str, ...] = ()
+    # May call the account-level operations that name no existing key (CreateKey,
+    # ListKeys, ListAliases, GenerateRandom); fnmatch-style patterns, "*" for anyone
+    # authenticated.
+    key_creators: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-principal request rate limiting (ThrottlingException when exceeded)."""
+
+    # Token bucket per principal: refilled at requests_per_second, holding at most
+    # burst. 0 turns rate limiting off.
+    requests_per_second: float = 5000.0
+    burst: int = 10000
+
+
+@dataclass(frozen=True)
 class Config:
     """A kmsd node's configuration."""
 
@@ -85,6 +114,8 @@ class Config:
     scheduler_interval_seconds: float = 60.0
     log_level: str = "INFO"
     audit: AuditConfig = field(default_factory=AuditConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     @property
     def clustered(self) -> bool:
@@ -143,6 +174,8 @@ _SCHEMA: dict[str, dict[str, _Types]] = {
     "log": {"snapshot_every": int},
     "scheduler": {"interval_seconds": (int, float)},
     "audit": {"enabled": bool, "path": str, "max_file_bytes": int, "fsync": bool},
+    "auth": {"enabled": bool, "administrators": list, "operators": list, "key_creators": list},
+    "limits": {"requests_per_second": (int, float), "burst": int},
 }
 _MEMBER_SCHEMA: dict[str, _Types] = {"id": int, "peer_address": str, "client_address": str}
 
@@ -217,6 +250,37 @@ def _audit(table: dict[str, Any]) -> AuditConfig:
     )
 
 
+def _principals(option: str, value: Any) -> tuple[str, ...]:
+    if not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{option}: must be a list of non-empty principal strings")
+    return tuple(value)
+
+
+def _auth(table: dict[str, Any]) -> AuthConfig:
+    return AuthConfig(
+        enabled=table.get("enabled", True),
+        administrators=_principals("[auth].administrators", table.get("administrators", [])),
+        operators=_principals("[auth].operators", table.get("operators", [])),
+        key_creators=_principals(
+            "[auth].key_creators", table.get("key_creators", list(AuthConfig.key_creators))
+        ),
+    )
+
+
+def _limits(table: dict[str, Any]) -> LimitsConfig:
+    limits = LimitsConfig(
+        requests_per_second=float(
+            table.get("requests_per_second", LimitsConfig.requests_per_second)
+        ),
+        burst=table.get("burst", LimitsConfig.burst),
+    )
+    if limits.requests_per_second < 0:
+        raise ConfigError("[limits].requests_per_second: must not be negative (0 turns it off)")
+    if limits.burst < 1:
+        raise ConfigError("[limits].burst: must be at least 1")
+    return limits
+
+
 def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
     """Validates a parsed config table; relative data_dir is taken from base_dir."""
     for section, table in raw.items():
@@ -255,6 +319,8 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         snapshot_every=raw.get("log", {}).get("snapshot_every", 10_000),
         scheduler_interval_seconds=float(raw.get("scheduler", {}).get("interval_seconds", 60.0)),
         audit=_audit(raw.get("audit", {})),
+        auth=_auth(raw.get("auth", {})),
+        limits=_limits(raw.get("limits", {})),
     )
     validate(config)
     return config

@@ -1,0 +1,1 @@
+"""Who may do what: identities from mutual TLS, key policies, grants, rate limits."""
