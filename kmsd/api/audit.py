@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from kmsd.api.status import to_grpc_status
 from kmsd.audit.record import AuditEvent, bounded, bounded_context, new_request_id
 from kmsd.audit.writer import AuditUnavailable, AuditWriter
+from kmsd.auth.identity import principal_of
 from kmsd.errors import InternalError, KmsError
 from kmsd.fsm.store import KeyStore
 from kmsd.service.names import Names
@@ -71,12 +72,6 @@ def _shape(request: Message) -> _Shape:
 async def _abort(context: Ctx, error: KmsError) -> NoReturn:
     await context.abort_with_status(to_grpc_status(error))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-def principal_of(context: Ctx) -> str:
-    """The caller's identity. Empty until mutual TLS lands: then the client
-    certificate's URI SAN, else its CN (DESIGN.md §5)."""
-    return ""
 
 
 class AuditHook:

@@ -140,7 +140,7 @@ def test_crypto_operations_are_recorded_without_plaintext_data_keys_or_blobs(
     assert got[6]["detail"] == {"source_key_arn": key_arn, "source_encryption_context": context}
     assert got[8]["key_arn"] is None
     assert all(r["source"].startswith("ipv4:127.0.0.1:") for r in got)
-    assert all(r["principal"] == "" for r in got)
+    assert all(r["principal"] == "anonymous" for r in got)
     assert len({r["request_id"] for r in got}) == len(got)
     assert verify([directory]).ok
 
