@@ -21,6 +21,7 @@ This module imports no gRPC: codes are the canonical `google.rpc.Code` numbers, 
     ├── DryRunError                   FAILED_PRECONDITION  DryRunOperationException
     ├── ConflictError                 ABORTED              ConflictException
     ├── LimitExceededError            RESOURCE_EXHAUSTED   LimitExceededException
+    ├── ThrottlingError               RESOURCE_EXHAUSTED   ThrottlingException (retryable)
     ├── AccessDeniedError             PERMISSION_DENIED    AccessDeniedException
     ├── UnavailableError              UNAVAILABLE          KMSInternalException (retryable)
     ├── StorageCorruptedError         DATA_LOSS            KMSInternalException
@@ -199,6 +200,18 @@ class LimitExceededError(KmsError):
     code = RESOURCE_EXHAUSTED
     reason = "LIMIT_EXCEEDED"
     aws_exception = "LimitExceededException"
+
+
+class ThrottlingError(KmsError):
+    """The caller sent requests faster than its configured rate ([limits])."""
+
+    code = RESOURCE_EXHAUSTED
+    reason = "THROTTLING"
+    aws_exception = "ThrottlingException"
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class AccessDeniedError(KmsError):

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from kmsd.errors import KmsError, UnavailableError, ValidationError
+from kmsd.errors import KmsError, ThrottlingError, UnavailableError, ValidationError
 
 DOMAIN = "kmsd"
 
@@ -44,7 +44,7 @@ def to_rpc_status(error: KmsError) -> status_pb2.Status:
                 )
             )
         )
-    if isinstance(error, UnavailableError):
+    if isinstance(error, (UnavailableError, ThrottlingError)):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(error.retry_after_seconds * 1000))
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
