@@ -12,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from kmsd_process import KmsdProcess  # noqa: E402
 
+pytest_plugins = ["secret_scan"]
+
 
 @pytest.fixture(scope="module")
 def kmsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsdProcess]:
