@@ -89,6 +89,9 @@ async def _serve(data_dir: Path, mode: str) -> int:
         {
             "node": {"data_dir": str(data_dir), "listen": "127.0.0.1:0", "log_level": "INFO"},
             "audit": AUDIT[mode],
+            # Plaintext on loopback, as bench.data_plane: the audit trail is the subject.
+            "tls": {"plaintext": True},
+            "auth": {"administrators": ["anonymous"], "operators": ["anonymous"]},
         }
     )
     logging.basicConfig(level=config.log_level, stream=sys.stderr)

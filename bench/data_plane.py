@@ -393,10 +393,12 @@ def _raise_system_exit(signum: int, _frame: object) -> None:
 def servers(workdir: Path, kmsd_nodes: int = 1) -> Iterator[dict[str, ServerProcess]]:
     """kmsd (fresh data directory) and the bare service, stopped whatever happens."""
     started: dict[str, ServerProcess] = {}
+    # Both plaintext on loopback: this measures the data plane, not TLS, whose cost any
+    # gRPC service pays alike (`kmsd dev --plaintext`: every caller is the administrator).
     argv = {
         "kmsd": [
             sys.executable, "-m", "kmsd", "dev", "--data-dir", str(workdir / "kmsd-data"),
-            "--port", "0", "--nodes", str(kmsd_nodes),
+            "--port", "0", "--nodes", str(kmsd_nodes), "--plaintext",
         ],
         "bare": [sys.executable, "-m", "bench.bare_service", "--port", "0"],
     }  # fmt: skip

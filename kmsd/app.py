@@ -24,6 +24,7 @@ from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.server import CLUSTER_SERVICE_NAME, SERVICE_NAME, build_server
 from kmsd.audit.writer import AuditWriter
+from kmsd.auth.tls import PeerTls, ServerTls
 from kmsd.clock import Clock, SystemClock
 from kmsd.config import Config
 from kmsd.crypto.seal import FileSeal
@@ -114,10 +115,22 @@ class Node:
         self.scheduler: Scheduler | None = None
         self.audit: AuditWriter | None = None
         self._health: health.aio.HealthServicer | None = None
+        # Mutual TLS of the client port and of the Raft peer port; None in plaintext mode.
+        self.server_tls: ServerTls | None = None
+        self.peer_tls: PeerTls | None = None
 
     async def start(self) -> None:
         config = self.config
         self._lock_fd = _lock_data_dir(config.data_dir)
+        # Before anything else: a node whose certificate files are unusable does not start.
+        self.server_tls = ServerTls.from_config(config)
+        if self.server_tls is None:
+            log.warning(
+                "plaintext: no authentication, loopback only (listening on %s%s without TLS;"
+                " every caller is 'anonymous')",
+                config.listen,
+                f" and {config.peer_listen}" if config.clustered else "",
+            )
         if config.audit.enabled:
             # Before anything serves: a node that cannot audit does not start.
             self.audit = AuditWriter(
@@ -144,11 +157,16 @@ class Node:
             clock=self._clock,
             rng=self._rng,
             max_staleness_s=config.raft.max_staleness_ms / 1000,
+            auth=config.auth,
         )
+        if not config.auth.enabled:
+            log.warning("[auth].enabled = false: authorization is OFF, anyone may do anything")
         hook = None if self.audit is None else AuditHook(self.audit, self.kms.names, store)
-        cluster = ClusterServicer(command_log, config.node_id, config.listen, hook)
+        cluster = ClusterServicer(
+            command_log, config.node_id, config.listen, hook, authorizer=self.kms.authorizer
+        )
         self._server, self.port, health_servicer = build_server(
-            self.kms, config.listen, cluster, hook
+            self.kms, config.listen, cluster, hook, tls=self.server_tls
         )
         self._health = health_servicer
         await self._server.start()
@@ -178,6 +196,8 @@ class Node:
             )
             return single
         members = [Member(m.id, m.peer_address, m.client_address) for m in config.members]
+        self.peer_tls = PeerTls.from_config(config)
+        # TODO(coordinator): pass peer_tls to GrpcTransport (until then peers speak plaintext).
         self.transport = GrpcTransport(config.node_id, config.peer_listen, config.cluster_id)
         return RaftLog(
             config.node_id,

@@ -6,6 +6,7 @@ with a message naming the option (`[seal].path: ...`), never later.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -43,13 +44,16 @@ class MemberConfig:
     id: int
     peer_address: str
     client_address: str
+    # The identity (URI SAN, else CN) its peer certificate must carry; "" means the
+    # default `spiffe://<cluster.id>/node/<id>` (docs/security.md).
+    principal: str = ""
 
 
 @dataclass(frozen=True)
 class RaftConfig:
     """Raft timing (see docs/configuration.md for the trade-offs)."""
 
-    tick_ms: int = 100
+    tick_ms: int = 50
     election_ticks: int = 10
     heartbeat_ticks: int = 1
     request_timeout_seconds: float = 5.0
@@ -74,8 +78,9 @@ class AuthConfig:
     # False turns authorization off entirely (benchmarks, migrations): every caller
     # may do everything. Logged loudly at start.
     enabled: bool = True
-    # Full access to every key whatever its policy (AWS: the account's root and
-    # IAM administrators), and the principals `arn:aws:iam::<account>:root` names.
+    # Full access to every key whatever its policy allows (AWS: the account's root and
+    # IAM administrators), except what a key policy explicitly denies them; the
+    # principals `arn:aws:iam::<account>:root` names.
     administrators: tuple[str, ...] = ()
     # May call ClusterService (status, add/remove member, transfer leadership).
     operators: tuple[str, ...] = ()
@@ -83,6 +88,19 @@ class AuthConfig:
     # ListKeys, ListAliases, GenerateRandom); fnmatch-style patterns, "*" for anyone
     # authenticated.
     key_creators: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS for clients and peers (docs/security.md). Relative paths are taken
+    from data_dir; the files are re-read without a restart when they change."""
+
+    cert_file: Path | None = None  # this node's certificate chain (PEM)
+    key_file: Path | None = None  # its private key (PEM)
+    ca_file: Path | None = None  # the CA(s) client and peer certificates must chain to
+    # True serves plaintext gRPC, without authentication: loopback addresses only.
+    plaintext: bool = False
+    reload_interval_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,11 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+    def tls_path(self, path: Path) -> Path:
+        """A [tls] file, relative paths taken from data_dir."""
+        return path if path.is_absolute() else self.data_dir / path
 
     @property
     def clustered(self) -> bool:
@@ -176,8 +199,21 @@ _SCHEMA: dict[str, dict[str, _Types]] = {
     "audit": {"enabled": bool, "path": str, "max_file_bytes": int, "fsync": bool},
     "auth": {"enabled": bool, "administrators": list, "operators": list, "key_creators": list},
     "limits": {"requests_per_second": (int, float), "burst": int},
+    "tls": {
+        "cert_file": str,
+        "key_file": str,
+        "ca_file": str,
+        "plaintext": bool,
+        "reload_interval_seconds": (int, float),
+    },
 }
-_MEMBER_SCHEMA: dict[str, _Types] = {"id": int, "peer_address": str, "client_address": str}
+_MEMBER_SCHEMA: dict[str, _Types] = {
+    "id": int,
+    "peer_address": str,
+    "client_address": str,
+    "principal": str,
+}
+_MEMBER_REQUIRED = ("id", "peer_address", "client_address")
 
 
 def load_config(path: Path) -> Config:
@@ -208,10 +244,19 @@ def _members(raw: list[Any]) -> tuple[MemberConfig, ...]:
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         _check_types(where, table, _MEMBER_SCHEMA)
-        for name in _MEMBER_SCHEMA:
+        for name in _MEMBER_REQUIRED:
             if name not in table:
                 raise ConfigError(f"{where}.{name}: required")
-        members.append(MemberConfig(table["id"], table["peer_address"], table["client_address"]))
+        if table.get("principal") == "":
+            raise ConfigError(f"{where}.principal: must not be empty (omit it for the default)")
+        members.append(
+            MemberConfig(
+                table["id"],
+                table["peer_address"],
+                table["client_address"],
+                table.get("principal", ""),
+            )
+        )
     return tuple(members)
 
 
@@ -263,6 +308,21 @@ def _auth(table: dict[str, Any]) -> AuthConfig:
         operators=_principals("[auth].operators", table.get("operators", [])),
         key_creators=_principals(
             "[auth].key_creators", table.get("key_creators", list(AuthConfig.key_creators))
+        ),
+    )
+
+
+def _tls(table: dict[str, Any]) -> TlsConfig:
+    for name in ("cert_file", "key_file", "ca_file"):
+        if table.get(name) == "":
+            raise ConfigError(f"[tls].{name}: must not be empty")
+    return TlsConfig(
+        cert_file=Path(table["cert_file"]) if "cert_file" in table else None,
+        key_file=Path(table["key_file"]) if "key_file" in table else None,
+        ca_file=Path(table["ca_file"]) if "ca_file" in table else None,
+        plaintext=table.get("plaintext", False),
+        reload_interval_seconds=float(
+            table.get("reload_interval_seconds", TlsConfig.reload_interval_seconds)
         ),
     )
 
@@ -321,6 +381,7 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Config:
         audit=_audit(raw.get("audit", {})),
         auth=_auth(raw.get("auth", {})),
         limits=_limits(raw.get("limits", {})),
+        tls=_tls(raw.get("tls", {})),
     )
     validate(config)
     return config
@@ -395,6 +456,44 @@ def _validate_pkcs11_seal(seal: SealConfig) -> None:
         raise ConfigError(f"[seal].pin_env: '{seal.pin_env}' is not an environment variable name")
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost (the hosts plaintext may listen on)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_tls(config: Config) -> None:
+    tls = config.tls
+    if tls.reload_interval_seconds < 0:
+        raise ConfigError("[tls].reload_interval_seconds: must not be negative")
+    if tls.plaintext:
+        for option, address in (
+            ("[node].listen", config.listen),
+            ("[node].peer_listen", config.peer_listen),
+        ):
+            if address and not is_loopback_host(address.rpartition(":")[0]):
+                raise ConfigError(
+                    f"[tls].plaintext: refused, {option} '{address}' is not a loopback "
+                    "address (plaintext has no authentication: 127.0.0.1, ::1 or localhost only)"
+                )
+        return
+    for option, value in (
+        ("cert_file", tls.cert_file),
+        ("key_file", tls.key_file),
+        ("ca_file", tls.ca_file),
+    ):
+        if value is None:
+            raise ConfigError(
+                f"[tls].{option}: required (mutual TLS: cert_file, key_file and ca_file; "
+                "or plaintext = true on loopback only)"
+            )
+
+
 def validate(config: Config) -> None:
     """Checks values (not just types); raises ConfigError naming the option."""
     _address("[node].listen", config.listen)
@@ -417,3 +516,4 @@ def validate(config: Config) -> None:
         raise ConfigError("[scheduler].interval_seconds: must be positive")
     if config.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"[node].log_level: '{config.log_level}' is not DEBUG/INFO/WARNING/ERROR")
+    _validate_tls(config)

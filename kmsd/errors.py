@@ -11,7 +11,10 @@ This module imports no gRPC: codes are the canonical `google.rpc.Code` numbers, 
     │   ├── InvalidAliasNameError                          InvalidAliasNameException
     │   ├── InvalidArnError                                InvalidArnException
     │   ├── InvalidMarkerError                             InvalidMarkerException
-    │   └── TagError                                       TagException
+    │   ├── TagError                                       TagException
+    │   ├── MalformedPolicyDocumentError                   MalformedPolicyDocumentException
+    │   ├── InvalidGrantTokenError                         InvalidGrantTokenException
+    │   └── InvalidGrantIdError                            InvalidGrantIdException
     ├── InvalidCiphertextError        INVALID_ARGUMENT     InvalidCiphertextException (opaque)
     ├── IncorrectKeyError             INVALID_ARGUMENT     IncorrectKeyException
     ├── InvalidKeyUsageError          INVALID_ARGUMENT     InvalidKeyUsageException
@@ -122,6 +125,28 @@ class TagError(ValidationError):
     aws_exception = "TagException"
 
 
+class MalformedPolicyDocumentError(ValidationError):
+    """A key policy is not valid JSON in the policy language kmsd evaluates, or would
+    lock the caller out; the description names the statement and element at fault."""
+
+    reason = "MALFORMED_POLICY_DOCUMENT"
+    aws_exception = "MalformedPolicyDocumentException"
+
+
+class InvalidGrantTokenError(ValidationError):
+    """A grant token is not one this service issued (malformed, not just unknown)."""
+
+    reason = "INVALID_GRANT_TOKEN"
+    aws_exception = "InvalidGrantTokenException"
+
+
+class InvalidGrantIdError(ValidationError):
+    """A grant id is malformed."""
+
+    reason = "INVALID_GRANT_ID"
+    aws_exception = "InvalidGrantIdException"
+
+
 class InvalidCiphertextError(KmsError):
     """The ciphertext could not be decrypted. Deliberately says nothing about why."""
 
@@ -215,11 +240,17 @@ class ThrottlingError(KmsError):
 
 
 class AccessDeniedError(KmsError):
-    """The caller may not perform this operation."""
+    """The caller may not perform this operation. The message never says why (a missing
+    key and a key the caller may not use look alike); `denial` does, for the audit log
+    only."""
 
     code = PERMISSION_DENIED
     reason = "ACCESS_DENIED"
     aws_exception = "AccessDeniedException"
+
+    def __init__(self, message: str, denial: str = "") -> None:
+        super().__init__(message)
+        self.denial = denial
 
 
 class UnavailableError(KmsError):

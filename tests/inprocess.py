@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsd.clock import FakeClock
+from kmsd.config import AuthConfig
 from kmsd.crypto.seal import FileSeal
 from kmsd.fsm.store import KeyStore
 from kmsd.log.single_node import SingleNodeLog
@@ -22,10 +23,19 @@ async def open_kms(
     *,
     snapshot_every: int = 10_000,
     rng: Callable[[int], bytes] = os.urandom,
+    auth: AuthConfig | None = None,
 ) -> Kms:
     data_dir.mkdir(parents=True, exist_ok=True)
     store = KeyStore()
     log = SingleNodeLog(data_dir / "log", store, snapshot_every=snapshot_every)
     await log.start()
     seal = FileSeal.load_or_create(data_dir / "root.key")
-    return Kms(store=store, log=log, seal=seal, names=NAMES, clock=clock, rng=rng)
+    return Kms(
+        store=store,
+        log=log,
+        seal=seal,
+        names=NAMES,
+        clock=clock,
+        rng=rng,
+        auth=auth or AuthConfig(),
+    )

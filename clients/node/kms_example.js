@@ -14,8 +14,13 @@
 //                              environment variable KMS_EXAMPLE_CIPHERTEXT_B64
 //   <encryption-context-json>  optional: its encryption context as a JSON object of
 //                              strings; also read from KMS_EXAMPLE_CONTEXT_JSON
+//
+// Mutual TLS (kmsd's default) from the environment, as kmsctl: KMSD_CA (the CA
+// bundle), KMSD_CERT and KMSD_KEY (this client's certificate and key; `kmsd dev`
+// prints the admin's). KMSD_NO_TLS=1 connects in plaintext (`kmsd dev --plaintext`).
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const crypto = require('node:crypto');
 const grpc = require('@grpc/grpc-js');
@@ -142,6 +147,18 @@ function check(condition, message) {
   }
 }
 
+// Mutual TLS from KMSD_CA/KMSD_CERT/KMSD_KEY; plaintext only with KMSD_NO_TLS=1.
+function channelCredentials(env) {
+  if (env.KMSD_NO_TLS === '1') {
+    return grpc.credentials.createInsecure();
+  }
+  if (!env.KMSD_CA) {
+    throw new Error('set KMSD_CA, KMSD_CERT and KMSD_KEY (or KMSD_NO_TLS=1 for plaintext)');
+  }
+  const read = (name) => (env[name] ? fs.readFileSync(env[name]) : null);
+  return grpc.credentials.createSsl(read('KMSD_CA'), read('KMSD_KEY'), read('KMSD_CERT'));
+}
+
 // ---------------------------------------------------------------------------
 
 async function main(argv) {
@@ -156,7 +173,7 @@ async function main(argv) {
   const externalContext = JSON.parse(argv[4] || process.env.KMS_EXAMPLE_CONTEXT_JSON || '{}');
 
   const kms = loadKmsPackage();
-  const client = new kms.KeyManagementService(endpoint, grpc.credentials.createInsecure());
+  const client = new kms.KeyManagementService(endpoint, channelCredentials(process.env));
   const out = { endpoint };
   try {
     // CreateKey with a description and a tag; request_id makes retries idempotent.

@@ -7,12 +7,14 @@ record is durable, then answers; if the record cannot be written the caller gets
 UNAVAILABLE instead of the answer (fail closed). A call cancelled by its client is
 recorded too (without waiting). What is recorded is chosen field by field here:
 names, ids, ARNs and encryption contexts, never plaintext, ciphertext, data keys
-or key material.
+or key material. Grant tokens are recorded only as SHA-256 digests, key policies as
+their digest and size; a refusal records why in `detail.denial`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,8 +26,9 @@ from google.protobuf.message import Message
 from kmsd.api.status import to_grpc_status
 from kmsd.audit.record import AuditEvent, bounded, bounded_context, new_request_id
 from kmsd.audit.writer import AuditUnavailable, AuditWriter
+from kmsd.auth.grants import OPERATION_NAMES, decode_token
 from kmsd.auth.identity import principal_of
-from kmsd.errors import InternalError, KmsError
+from kmsd.errors import AccessDeniedError, InternalError, KmsError
 from kmsd.fsm.store import KeyStore
 from kmsd.service.names import Names
 
@@ -67,6 +70,37 @@ def _shape(request: Message) -> _Shape:
         )
         _SHAPES[kind] = shape
     return shape
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _extras(request: Message, response: Message | Any | None) -> dict[str, Any]:
+    """What the audit log keeps of policies and grants: ids, principals, operations,
+    digests of tokens and policy documents (never a token itself)."""
+    extras: dict[str, Any] = {}
+    tokens = getattr(request, "grant_tokens", None)
+    if tokens:
+        extras["grant_tokens_sha256"] = [_digest(t) for t in list(tokens)[:10]]
+    token = getattr(request, "grant_token", "")
+    if isinstance(token, str) and token:
+        extras["grant_token_sha256"] = _digest(token)
+    policy = getattr(request, "policy", "")
+    if isinstance(policy, str) and policy:
+        extras["policy_sha256"] = _digest(policy)
+        extras["policy_bytes"] = len(policy.encode("utf-8", "surrogatepass"))
+    grant_id = getattr(response, "grant_id", "") or getattr(request, "grant_id", "")
+    if isinstance(grant_id, str) and grant_id:
+        extras["grant_id"] = bounded(grant_id, 128)
+    for name in ("grantee_principal", "retiring_principal"):
+        value = getattr(request, name, "")
+        if isinstance(value, str) and value:
+            extras[name] = bounded(value, 256)
+    operations = getattr(request, "operations", None)
+    if operations:
+        extras["operations"] = [OPERATION_NAMES.get(op, str(op)) for op in list(operations)[:20]]
+    return extras
 
 
 async def _abort(context: Ctx, error: KmsError) -> NoReturn:
@@ -170,12 +204,19 @@ class AuditHook:
             outcome, reason, exception = "error", error.reason, error.aws_exception
         else:
             outcome, reason, exception = "ok", "", ""
+        extras = _extras(request, response)
+        if isinstance(error, AccessDeniedError) and error.denial:
+            extras["denial"] = error.denial
+        if extras:
+            detail = {**(detail or {}), **extras}
         return AuditEvent(
             operation=shape.operation,
             outcome=outcome,
             principal=principal_of(context),
             source=context.peer() or "",
-            key_arn=self._response_key_arn(response) or self._request_key_arn(request, shape),
+            key_arn=self._response_key_arn(response)
+            or self._request_key_arn(request, shape)
+            or self._token_key_arn(request),
             request_id=request_id or new_request_id(),
             encryption_context=bounded_context(context_map),
             error_reason=reason,
@@ -199,6 +240,17 @@ class AuditHook:
             if ref:
                 return self._key_arn(ref)
         return None
+
+    def _token_key_arn(self, request: Message) -> str | None:
+        """RetireGrant by grant token names no key: the ARN of its grant's key, if known."""
+        token = getattr(request, "grant_token", "")
+        if not isinstance(token, str) or not token:
+            return None
+        try:
+            grant = self._store.grant(decode_token(token, "grant_token").grant_id)
+        except KmsError:
+            return None
+        return self._names.key_arn(grant.key_id) if grant is not None else None
 
     def _key_arn(self, ref: str) -> str | None:
         """The ARN of the key `ref` names, else `ref` as given (e.g. an unknown alias)."""

@@ -2,6 +2,10 @@
 
 On a single node without Raft the status describes that node alone and the
 membership operations answer UnsupportedOperationException.
+
+Every ClusterService RPC is for operators: a caller whose principal is not in
+`[auth].operators` gets PERMISSION_DENIED (AccessDeniedException), recorded in the
+audit log like any refusal.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from kms.v1 import cluster_service_pb2_grpc as pb_grpc
 
 from kmsd.api.audit import AuditHook
 from kmsd.api.status import to_grpc_status
+from kmsd.auth.authorizer import Authorizer, Caller
+from kmsd.auth.identity import principal_of
 from kmsd.errors import (
+    AccessDeniedError,
     KmsError,
     NotFoundError,
     UnavailableError,
@@ -49,20 +56,36 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         node_id: int,
         client_address: str,
         audit: AuditHook | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._log = log
         self._node_id = node_id
         self._client_address = client_address
         self._audit = audit
+        # None: no operator check (in-process tests that build the servicer alone).
+        self._authorizer = authorizer
 
     async def _call(
         self, request: Message, context: Ctx, body: Callable[[], Awaitable[Resp]]
     ) -> Resp:
-        """Runs one RPC's body (which raises KmsError), recorded when auditing is on."""
-        if self._audit is not None:
-            return await self._audit.call(request, context, body)
-        try:
+        """Runs one RPC's body (which raises KmsError) for an operator, recorded when
+        auditing is on."""
+        caller = Caller(principal_of(context))
+
+        async def guarded() -> Resp:
+            if self._authorizer is not None and not self._authorizer.is_operator(caller):
+                operation = request.DESCRIPTOR.name.removesuffix("Request")
+                raise AccessDeniedError(
+                    f"{caller.principal[:120]} is not authorized to perform"
+                    f" {operation}: ClusterService is for [auth].operators.",
+                    denial="not an operator",
+                )
             return await body()
+
+        if self._audit is not None:
+            return await self._audit.call(request, context, guarded)
+        try:
+            return await guarded()
         except KmsError as error:
             await context.abort_with_status(to_grpc_status(error))
             raise AssertionError("abort_with_status returned") from error  # pragma: no cover

@@ -13,6 +13,7 @@ from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.servicer import Ctx, KeyManagementServicer
 from kmsd.api.status import to_grpc_status
+from kmsd.auth.tls import ServerTls
 from kmsd.errors import ValidationError
 from kmsd.grpc_parsing import parsing_handler
 from kmsd.service.context import Kms
@@ -40,10 +41,17 @@ def _audited_bad_request(audit: AuditHook) -> Callable[[Ctx, str], Awaitable[Non
 
 
 def build_server(
-    kms: Kms, listen: str, cluster: ClusterServicer, audit: AuditHook | None = None
+    kms: Kms,
+    listen: str,
+    cluster: ClusterServicer,
+    audit: AuditHook | None = None,
+    *,
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started-ready (not yet started) server bound to `listen`; returns it and its port.
-    With `audit`, every KeyManagementService call is recorded (docs/audit.md)."""
+    With `audit`, every KeyManagementService call is recorded (docs/audit.md). With
+    `tls`, the port is mutual TLS (client certificates required); without, plaintext
+    (the caller has checked that `[tls].plaintext` allows it: loopback only)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -66,7 +74,7 @@ def build_server(
         ],
         server,
     )
-    port = server.add_insecure_port(listen)
+    port = server.add_insecure_port(listen) if tls is None else tls.add_port(server, listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, port, health_servicer

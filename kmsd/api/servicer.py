@@ -1,7 +1,9 @@
 """KeyManagementService over gRPC: each RPC hands its request to `kmsd.service` and maps errors.
 
-Handlers are one line each on purpose: validation, commands and reads live in
-`kmsd.service`; the mapping of errors to `google.rpc.Status` lives in `status`.
+Handlers are one line each on purpose: validation, authorization, commands and reads
+live in `kmsd.service`; the mapping of errors to `google.rpc.Status` lives in
+`status`. The one thing taken from gRPC here is the caller: its principal, from the
+TLS auth context (`kmsd.auth.identity`), travels to the operation as a `Caller`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from kmsd.api.audit import AuditHook
 from kmsd.api.status import to_grpc_status
+from kmsd.auth.authorizer import Caller
+from kmsd.auth.identity import principal_of
 from kmsd.errors import InternalError, KmsError
-from kmsd.service import aliases, crypto_ops, keys, rotation, tags
+from kmsd.service import aliases, crypto_ops, grants, keys, policies, rotation, tags
 from kmsd.service.context import Kms
 from kmsd.service.validate import known_enum_values
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[object, object]
+Operation = Callable[[Kms, Req, Caller], Awaitable[Resp]]
 
 
 async def _abort(context: Ctx, error: KmsError) -> NoReturn:
@@ -41,10 +46,10 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         self._kms = kms
         self._audit = audit
 
-    async def _run(self, operation: Callable[[Kms, Req], Awaitable[Resp]], request: Req) -> Resp:
+    async def _run(self, operation: Operation[Req, Resp], request: Req, caller: Caller) -> Resp:
         try:
             known_enum_values(request)
-            return await operation(self._kms, request)
+            return await operation(self._kms, request, caller)
         except KmsError:
             raise
         except Exception as error:
@@ -52,17 +57,15 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
             log.exception("internal error in %s", operation.__name__)
             raise InternalError("internal error") from error
 
-    async def _call(
-        self,
-        operation: Callable[[Kms, Req], Awaitable[Resp]],
-        request: Req,
-        context: Ctx,
-    ) -> Resp:
+    async def _call(self, operation: Operation[Req, Resp], request: Req, context: Ctx) -> Resp:
         # Every RPC goes through here: with auditing on, the hook records its outcome.
+        caller = Caller(principal_of(context))
         if self._audit is not None:
-            return await self._audit.call(request, context, lambda: self._run(operation, request))
+            return await self._audit.call(
+                request, context, lambda: self._run(operation, request, caller)
+            )
         try:
-            return await self._run(operation, request)
+            return await self._run(operation, request, caller)
         except KmsError as error:
             await _abort(context, error)
 
@@ -183,3 +186,43 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         self, request: pb.ListResourceTagsRequest, context: Ctx
     ) -> pb.ListResourceTagsResponse:
         return await self._call(tags.list_resource_tags, request, context)
+
+    async def PutKeyPolicy(
+        self, request: pb.PutKeyPolicyRequest, context: Ctx
+    ) -> pb.PutKeyPolicyResponse:
+        return await self._call(policies.put_key_policy, request, context)
+
+    async def GetKeyPolicy(
+        self, request: pb.GetKeyPolicyRequest, context: Ctx
+    ) -> pb.GetKeyPolicyResponse:
+        return await self._call(policies.get_key_policy, request, context)
+
+    async def ListKeyPolicies(
+        self, request: pb.ListKeyPoliciesRequest, context: Ctx
+    ) -> pb.ListKeyPoliciesResponse:
+        return await self._call(policies.list_key_policies, request, context)
+
+    async def CreateGrant(
+        self, request: pb.CreateGrantRequest, context: Ctx
+    ) -> pb.CreateGrantResponse:
+        return await self._call(grants.create_grant, request, context)
+
+    async def ListGrants(
+        self, request: pb.ListGrantsRequest, context: Ctx
+    ) -> pb.ListGrantsResponse:
+        return await self._call(grants.list_grants, request, context)
+
+    async def ListRetirableGrants(
+        self, request: pb.ListRetirableGrantsRequest, context: Ctx
+    ) -> pb.ListRetirableGrantsResponse:
+        return await self._call(grants.list_retirable_grants, request, context)
+
+    async def RetireGrant(
+        self, request: pb.RetireGrantRequest, context: Ctx
+    ) -> pb.RetireGrantResponse:
+        return await self._call(grants.retire_grant, request, context)
+
+    async def RevokeGrant(
+        self, request: pb.RevokeGrantRequest, context: Ctx
+    ) -> pb.RevokeGrantResponse:
+        return await self._call(grants.revoke_grant, request, context)

@@ -48,6 +48,13 @@ _TABLE: dict[str, _Rule] = {
     "UpdateAlias": _NOT_PENDING,
     "TagResource": _NOT_PENDING,
     "UntagResource": _NOT_PENDING,
+    "CreateGrant": _NOT_PENDING,
+    "PutKeyPolicy": _ALWAYS,
+    "GetKeyPolicy": _ALWAYS,
+    "ListKeyPolicies": _ALWAYS,
+    "ListGrants": _ALWAYS,
+    "RetireGrant": _ALWAYS,
+    "RevokeGrant": _ALWAYS,
     "CancelKeyDeletion": {ENABLED: InvalidStateError, DISABLED: InvalidStateError},
 }
 

@@ -1,4 +1,4 @@
-"""KeyStore: the deterministic state machine of keys, aliases and request ids.
+"""KeyStore: the deterministic state machine of keys, aliases, grants and request ids.
 
 It is driven by a `kmsd.log.base.CommandLog`: `apply` takes a serialized
 `kms.fsm.v1.Command`, checks it against the current state (the AWS key-state
@@ -37,6 +37,7 @@ DEDUPE_TTL_MS = 24 * 3_600_000
 MAX_ON_DEMAND_ROTATIONS = 25
 MAX_ALIASES_PER_KEY = 50
 MAX_TAGS_PER_KEY = 50
+MAX_GRANTS_PER_KEY = 50_000
 DEFAULT_ROTATION_PERIOD_DAYS = 365
 
 
@@ -46,6 +47,11 @@ class KeyStore:
     def __init__(self) -> None:
         self._keys: dict[str, fsm.KeyRecord] = {}
         self._aliases: dict[str, fsm.AliasRecord] = {}
+        # Grants by id, in creation order; and by key, then grantee, for evaluation.
+        self._grants: dict[str, fsm.GrantRecord] = {}
+        self._key_grants: dict[str, dict[str, fsm.GrantRecord]] = {}
+        self._grantee_grants: dict[tuple[str, str], dict[str, fsm.GrantRecord]] = {}
+        self._result_grant_id = ""
         self._dedupe: OrderedDict[str, fsm.DedupeEntry] = OrderedDict()
         self._applied_index = 0
         self._last_now_ms = 0
@@ -65,6 +71,10 @@ class KeyStore:
             "rotate_key": self._rotate_key,
             "tag_resource": self._tag_resource,
             "untag_resource": self._untag_resource,
+            "put_key_policy": self._put_key_policy,
+            "create_grant": self._create_grant,
+            "retire_grant": self._retire_grant,
+            "revoke_grant": self._revoke_grant,
         }
 
     # ---- StateMachine protocol -------------------------------------------------
@@ -104,8 +114,11 @@ class KeyStore:
                         ValidationError("request_id", "was already used for a different request")
                     )
                 return seen.result
+        self._result_grant_id = ""
         try:
-            result = fsm.CommandResult(key_id=self._handlers[kind](cmd))
+            result = fsm.CommandResult(
+                key_id=self._handlers[kind](cmd), grant_id=self._result_grant_id
+            )
         except KmsError as error:
             result = _rejected(error)
         if cmd.request_id:
@@ -125,6 +138,7 @@ class KeyStore:
             aliases=[self._aliases[name] for name in sorted(self._aliases)],
             dedupe=list(self._dedupe.values()),
             last_now_ms=self._last_now_ms,
+            grants=list(self._grants.values()),
         )
         return snap.SerializeToString(deterministic=True)
 
@@ -136,6 +150,11 @@ class KeyStore:
         self._dedupe = OrderedDict((entry.request_id, entry) for entry in snap.dedupe)
         self._applied_index = snap.applied_index
         self._last_now_ms = snap.last_now_ms
+        self._grants = {}
+        self._key_grants = {}
+        self._grantee_grants = {}
+        for grant in snap.grants:
+            self._index_grant(grant)
 
     # ---- queries ----------------------------------------------------------------
 
@@ -163,6 +182,24 @@ class KeyStore:
             for name in sorted(self._aliases)
             if not target_key_id or self._aliases[name].target_key_id == target_key_id
         ]
+
+    def grant(self, grant_id: str) -> fsm.GrantRecord | None:
+        """The grant with this id, or None. The record must not be modified."""
+        return self._grants.get(grant_id)
+
+    def grants_of(self, key_id: str) -> list[fsm.GrantRecord]:
+        """The grants of a key, in creation order."""
+        return list(self._key_grants.get(key_id, {}).values())
+
+    def grants_for(self, key_id: str, grantee: str) -> list[fsm.GrantRecord]:
+        """The grants of a key whose grantee is `grantee` (on every data-plane call)."""
+        found = self._grantee_grants.get((key_id, grantee))
+        return list(found.values()) if found else []
+
+    def retirable_grants(self, retiring_principal: str) -> list[fsm.GrantRecord]:
+        """Every grant `retiring_principal` may retire as its retiring principal, in
+        creation order."""
+        return [g for g in self._grants.values() if g.retiring_principal == retiring_principal]
 
     def due_deletions(self, now_ms: int) -> Iterator[fsm.KeyRecord]:
         """Keys pending deletion whose deletion date has passed."""
@@ -254,6 +291,8 @@ class KeyStore:
         del self._keys[c.key_id]
         for alias in self.aliases(c.key_id):
             del self._aliases[alias.alias_name]
+        for grant in self.grants_of(c.key_id):
+            self._unindex_grant(grant)
         return c.key_id
 
     def _create_alias(self, cmd: fsm.Command) -> str:
@@ -355,6 +394,79 @@ class KeyStore:
         _set_tags(key, {t.tag_key: t.tag_value for t in key.tags if t.tag_key not in removed})
         return key.key_id
 
+    def _put_key_policy(self, cmd: fsm.Command) -> str:
+        c = cmd.put_key_policy
+        key = self._checked(c.key_id, "PutKeyPolicy")
+        if not c.policy:
+            raise ValidationError("policy", "is required")
+        key.policy = c.policy
+        return key.key_id
+
+    def _create_grant(self, cmd: fsm.Command) -> str:
+        c = cmd.create_grant
+        key = self._checked(c.key_id, "CreateGrant")
+        if c.name:
+            for grant in self.grants_of(c.key_id):
+                if _same_grant(grant, c):
+                    # AWS: a retry of a named CreateGrant returns the existing grant.
+                    self._result_grant_id = grant.grant_id
+                    return key.key_id
+        if c.grant_id in self._grants:
+            raise ConflictError(f"Grant id {c.grant_id} is taken; retry.")
+        if len(self._key_grants.get(c.key_id, {})) >= MAX_GRANTS_PER_KEY:
+            raise LimitExceededError(
+                f"Key '{c.key_id}' has {MAX_GRANTS_PER_KEY} grants, the most allowed."
+            )
+        grant = fsm.GrantRecord(
+            grant_id=c.grant_id,
+            key_id=c.key_id,
+            name=c.name,
+            grantee_principal=c.grantee_principal,
+            retiring_principal=c.retiring_principal,
+            operations=c.operations,
+            creation_ms=cmd.now_ms,
+            issuing_principal=cmd.principal,
+            create_index=self._applied_index,
+        )
+        if c.HasField("constraints"):
+            grant.constraints.CopyFrom(c.constraints)
+        self._index_grant(grant)
+        self._result_grant_id = grant.grant_id
+        return key.key_id
+
+    def _retire_grant(self, cmd: fsm.Command) -> str:
+        return self._remove_grant(cmd.retire_grant.key_id, cmd.retire_grant.grant_id)
+
+    def _revoke_grant(self, cmd: fsm.Command) -> str:
+        return self._remove_grant(cmd.revoke_grant.key_id, cmd.revoke_grant.grant_id)
+
+    def _remove_grant(self, key_id: str, grant_id: str) -> str:
+        self._existing(key_id)
+        grant = self._key_grants.get(key_id, {}).get(grant_id)
+        if grant is None:
+            raise NotFoundError(f"Grant '{grant_id}' does not exist on key '{key_id}'.")
+        self._unindex_grant(grant)
+        self._result_grant_id = grant_id
+        return key_id
+
+    def _index_grant(self, grant: fsm.GrantRecord) -> None:
+        self._grants[grant.grant_id] = grant
+        self._key_grants.setdefault(grant.key_id, {})[grant.grant_id] = grant
+        grantee = (grant.key_id, grant.grantee_principal)
+        self._grantee_grants.setdefault(grantee, {})[grant.grant_id] = grant
+
+    def _unindex_grant(self, grant: fsm.GrantRecord) -> None:
+        del self._grants[grant.grant_id]
+        of_key = self._key_grants[grant.key_id]
+        del of_key[grant.grant_id]
+        if not of_key:
+            del self._key_grants[grant.key_id]
+        grantee = (grant.key_id, grant.grantee_principal)
+        of_grantee = self._grantee_grants[grantee]
+        del of_grantee[grant.grant_id]
+        if not of_grantee:
+            del self._grantee_grants[grantee]
+
     def _checked(self, key_id: str, operation: str) -> fsm.KeyRecord:
         key = self._existing(key_id)
         check_key_state(operation, key_id, key.key_state)
@@ -375,6 +487,18 @@ def _require_rotatable(key: fsm.KeyRecord) -> None:
             f"Key '{key.key_id}' does not support rotation: only symmetric keys with"
             " kmsd-generated material rotate."
         )
+
+
+def _same_grant(grant: fsm.GrantRecord, c: fsm.CreateGrant) -> bool:
+    """Whether an existing grant has the name and parameters of a CreateGrant."""
+    return (
+        grant.name == c.name
+        and grant.grantee_principal == c.grantee_principal
+        and grant.retiring_principal == c.retiring_principal
+        and sorted(grant.operations) == sorted(c.operations)
+        and grant.constraints.SerializeToString(deterministic=True)
+        == c.constraints.SerializeToString(deterministic=True)
+    )
 
 
 def _set_tags(key: fsm.KeyRecord, tags: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
-"""What every KMS operation needs: the store, the log, the seal, names, clock and RNG.
+"""What every KMS operation needs: the store, the log, the seal, names, clock, RNG and
+the authorizer.
 
 `Kms.propose` turns a command into a committed, applied result (raising the
 recorded error, if the state machine rejected it); `Kms.read` waits until this
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 
+from kmsd.auth.authorizer import Authorizer
 from kmsd.clock import Clock
+from kmsd.config import AuthConfig
 from kmsd.crypto.keygen import material_id, new_symmetric_key_material
 from kmsd.crypto.seal import Seal, material_aad
 from kmsd.errors import InternalError, error_from_reason
@@ -26,12 +29,15 @@ from kmsd.log.base import CommandLog
 from kmsd.service.names import Names
 
 
-def request_digest(request: Message) -> bytes:
-    """SHA-256 of the RPC's request type and its bytes without the request_id."""
+def request_digest(request: Message, principal: str = "") -> bytes:
+    """SHA-256 of the caller, the RPC's request type and its bytes without the request_id
+    (so another caller reusing a request_id is refused, not answered with the first
+    caller's result)."""
     unkeyed = copy.copy(request)
     unkeyed.ClearField("request_id")
     body = unkeyed.SerializeToString(deterministic=True)
-    return hashlib.sha256(request.DESCRIPTOR.full_name.encode() + b"\x00" + body).digest()
+    caller = principal.encode("utf-8", "surrogatepass") + b"\x00" if principal else b""
+    return hashlib.sha256(caller + request.DESCRIPTOR.full_name.encode() + b"\x00" + body).digest()
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class Committed:
 
     key_id: str
     commit_index: int
+    grant_id: str = ""
 
 
 class MaterialCache:
@@ -100,10 +107,14 @@ class Kms:
     clock: Clock
     rng: Callable[[int], bytes] = os.urandom
     max_staleness_s: float = 0.5
+    # Who may do what ([auth]); enabled by default, as in the configuration.
+    auth: AuthConfig = field(default_factory=AuthConfig)
     materials: MaterialCache = field(init=False)
+    authorizer: Authorizer = field(init=False)
 
     def __post_init__(self) -> None:
         self.materials = MaterialCache(self.seal)
+        self.authorizer = Authorizer(self.auth, self.names.account)
 
     def command(self, request: Message | None = None, principal: str = "") -> fsm.Command:
         """A new command stamped with this node's clock, carrying the request's
@@ -112,7 +123,7 @@ class Kms:
         request_id = getattr(request, "request_id", "") if request is not None else ""
         if request is not None and request_id:
             command.request_id = request_id
-            command.request_digest = request_digest(request)
+            command.request_digest = request_digest(request, principal)
         return command
 
     def new_wrapped_material(self, key_id: str, version: int) -> bytes:
@@ -132,13 +143,7 @@ class Kms:
         # A retried request_id answers with the index its first attempt was committed at.
         first = self.store.remembered(command.request_id)
         index = first.index if first is not None else applied.index
-        return Committed(key_id=result.key_id, commit_index=index)
-
-    async def resolve_for_write(self, key_ref: str, field: str = "key_id") -> fsm.KeyRecord:
-        """The key a mutation names, resolved on linearizable state (a follower that
-        lags must not answer NotFound for a key created a moment ago elsewhere)."""
-        await self.read()
-        return self.names.resolve(self.store, key_ref, field)
+        return Committed(key_id=result.key_id, commit_index=index, grant_id=result.grant_id)
 
     def fresh_for_crypto(self, min_commit_index: int = 0) -> bool:
         """True when a crypto operation may read the local state right now, without

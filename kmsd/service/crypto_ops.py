@@ -1,8 +1,10 @@
 """The data plane: Encrypt, Decrypt, ReEncrypt, GenerateDataKey(WithoutPlaintext), GenerateRandom.
 
-These read the local key store (after `Kms.read`) and never write the log. Key
-material is unwrapped once per version and cached in memory; plaintext, data
-keys and material are never logged.
+These read the local key store (after `Kms.read`) and never write the log. Each
+authorizes its caller on the key (kmsd.service.access) once the state is fresh enough
+and before anything about the key is revealed; Decrypt finds its key in the
+ciphertext's header first. Key material is unwrapped once per version and cached in
+memory; plaintext, data keys and material are never logged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from kms.fsm.v1 import commands_pb2 as fsm
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
+from kmsd.auth.authorizer import Caller
+from kmsd.auth.conditions import ContextValue
 from kmsd.crypto import ciphertext
 from kmsd.crypto.keygen import new_data_key
 from kmsd.errors import (
@@ -26,12 +30,14 @@ from kmsd.errors import (
     ValidationError,
 )
 from kmsd.fsm.key_states import check_key_state
-from kmsd.service import validate
+from kmsd.service import access, validate
 from kmsd.service.context import Kms
 
 SYMMETRIC = res.ENCRYPTION_ALGORITHM_SPEC_SYMMETRIC_DEFAULT
 _ALGORITHMS_OK = (res.ENCRYPTION_ALGORITHM_SPEC_UNSPECIFIED, SYMMETRIC)
 _DATA_KEY_BYTES: dict[int, int] = {res.DATA_KEY_SPEC_AES_256: 32, res.DATA_KEY_SPEC_AES_128: 16}
+# Condition keys every symmetric cryptographic operation has.
+_CRYPTO_KEYS: dict[str, ContextValue] = {"kms:encryptionalgorithm": "SYMMETRIC_DEFAULT"}
 
 
 def _algorithm(field: str, value: int) -> None:
@@ -67,8 +73,25 @@ def _encrypt_with(
     return blob, version
 
 
+def _authorized(
+    kms: Kms,
+    caller: Caller,
+    key_ref: str,
+    action: str,
+    context: Mapping[str, str],
+    field: str = "key_id",
+) -> fsm.KeyRecord:
+    """The key `key_ref` names, once `caller` may do `action` on it with `context`."""
+    key = access.resolve(kms, caller, key_ref, action, field)
+    access.authorize(
+        kms, caller, key, action, key_ref, encryption_context=context, extra=_CRYPTO_KEYS
+    )
+    return key
+
+
 def _decrypt_blob(
     kms: Kms,
+    caller: Caller,
     blob: bytes,
     context: Mapping[str, str],
     named_key: str,
@@ -77,17 +100,36 @@ def _decrypt_blob(
     key_field: str,
     dry_run: bool,
 ) -> tuple[bytes, fsm.KeyRecord, str]:
-    """Decrypts `blob`; returns plaintext, the key and the material id used."""
+    """Decrypts `blob`; returns plaintext, the key and the material id used. The key
+    comes from the blob's header (a malformed one is InvalidCiphertext, before any
+    authorization); the caller needs kms:Decrypt (kms:ReEncryptFrom for ReEncrypt) on
+    it, and a key that does not exist looks forbidden to non-administrators."""
+    action = "kms:Decrypt" if operation == "Decrypt" else "kms:ReEncryptFrom"
     validate.ciphertext(blob, field)
     header = ciphertext.parse_header(blob)
     key = kms.store.key(str(header.key_id))
     if named_key:
-        named = kms.names.resolve(kms.store, named_key, key_field)
+        named = _authorized(kms, caller, named_key, action, context, key_field)
         if key is None or named.key_id != key.key_id:
             raise IncorrectKeyError(
                 f"The key named in {key_field} is not the key that encrypted the ciphertext."
             )
-    if key is None or header.material_version > len(key.materials):
+    else:
+        header_arn = kms.names.key_arn(str(header.key_id))
+        if key is None:
+            if access.hides_existence(kms, caller):
+                raise access.denied(caller, action, header_arn, "no such key")
+            raise InvalidCiphertextError()
+        access.authorize(
+            kms,
+            caller,
+            key,
+            action,
+            header_arn,
+            encryption_context=context,
+            extra=_CRYPTO_KEYS,
+        )
+    if header.material_version > len(key.materials):
         raise InvalidCiphertextError()
     _usable(kms, key, operation)
     if dry_run and operation != "ReEncrypt":
@@ -134,12 +176,13 @@ async def _crypto_read(
         await kms.read()
 
 
-async def encrypt(kms: Kms, request: pb.EncryptRequest) -> pb.EncryptResponse:
+async def encrypt(kms: Kms, request: pb.EncryptRequest, caller: Caller) -> pb.EncryptResponse:
     validate.plaintext(request.plaintext)
     _common(request.encryption_context, request.grant_tokens, "encryption_context")
     _algorithm("encryption_algorithm", request.encryption_algorithm)
+    await access.wait_for_grant_tokens(kms, request.grant_tokens)
     await _crypto_read(kms, request.min_commit_index, [request.key_id])
-    key = kms.names.resolve(kms.store, request.key_id)
+    key = _authorized(kms, caller, request.key_id, "kms:Encrypt", request.encryption_context)
     arn = _usable(kms, key, "Encrypt")
     if request.dry_run:
         raise DryRunError()
@@ -151,19 +194,23 @@ def _ignore_ciphertext(modifiers: Sequence[int]) -> bool:
     return pb.DRY_RUN_MODIFIER_IGNORE_CIPHERTEXT in modifiers
 
 
-async def decrypt(kms: Kms, request: pb.DecryptRequest) -> pb.DecryptResponse:
+async def decrypt(kms: Kms, request: pb.DecryptRequest, caller: Caller) -> pb.DecryptResponse:
     _common(request.encryption_context, request.grant_tokens, "encryption_context")
     _algorithm("encryption_algorithm", request.encryption_algorithm)
     if request.HasField("recipient"):
         raise UnsupportedOperationError("recipient: Nitro enclave recipients are not supported.")
+    ignore_ciphertext = request.dry_run and _ignore_ciphertext(request.dry_run_modifiers)
+    if ignore_ciphertext and not request.key_id:
+        raise ValidationError("key_id", "is required with DRY_RUN_MODIFIER_IGNORE_CIPHERTEXT")
+    await access.wait_for_grant_tokens(kms, request.grant_tokens)
     await _crypto_read(kms, request.min_commit_index, [request.key_id], request.ciphertext_blob)
-    if request.dry_run and _ignore_ciphertext(request.dry_run_modifiers):
-        if not request.key_id:
-            raise ValidationError("key_id", "is required with DRY_RUN_MODIFIER_IGNORE_CIPHERTEXT")
-        _usable(kms, kms.names.resolve(kms.store, request.key_id), "Decrypt")
+    if ignore_ciphertext:
+        key = _authorized(kms, caller, request.key_id, "kms:Decrypt", request.encryption_context)
+        _usable(kms, key, "Decrypt")
         raise DryRunError()
     plaintext, key, used = _decrypt_blob(
         kms,
+        caller,
         request.ciphertext_blob,
         request.encryption_context,
         request.key_id,
@@ -180,28 +227,53 @@ async def decrypt(kms: Kms, request: pb.DecryptRequest) -> pb.DecryptResponse:
     )
 
 
-async def re_encrypt(kms: Kms, request: pb.ReEncryptRequest) -> pb.ReEncryptResponse:
+async def re_encrypt(
+    kms: Kms, request: pb.ReEncryptRequest, caller: Caller
+) -> pb.ReEncryptResponse:
     _common(request.source_encryption_context, request.grant_tokens, "source_encryption_context")
     validate.encryption_context(
         request.destination_encryption_context, "destination_encryption_context"
     )
     _algorithm("source_encryption_algorithm", request.source_encryption_algorithm)
     _algorithm("destination_encryption_algorithm", request.destination_encryption_algorithm)
-    if not (request.dry_run and _ignore_ciphertext(request.dry_run_modifiers)):
+    ignore_ciphertext = request.dry_run and _ignore_ciphertext(request.dry_run_modifiers)
+    if not ignore_ciphertext:
         # Input limits are checked before any key is looked up, as for every other field.
         validate.ciphertext(request.ciphertext_blob)
+    elif not request.source_key_id:
+        raise ValidationError(
+            "source_key_id", "is required with DRY_RUN_MODIFIER_IGNORE_CIPHERTEXT"
+        )
+    await access.wait_for_grant_tokens(kms, request.grant_tokens)
     await _crypto_read(
         kms,
         request.min_commit_index,
         [request.destination_key_id, request.source_key_id],
         request.ciphertext_blob,
     )
-    destination = kms.names.resolve(kms.store, request.destination_key_id, "destination_key_id")
+    destination = _authorized(
+        kms,
+        caller,
+        request.destination_key_id,
+        "kms:ReEncryptTo",
+        request.destination_encryption_context,
+        "destination_key_id",
+    )
     destination_arn = _usable(kms, destination, "ReEncrypt")
-    if request.dry_run and _ignore_ciphertext(request.dry_run_modifiers):
+    if ignore_ciphertext:
+        source_key = _authorized(
+            kms,
+            caller,
+            request.source_key_id,
+            "kms:ReEncryptFrom",
+            request.source_encryption_context,
+            "source_key_id",
+        )
+        _usable(kms, source_key, "ReEncrypt")
         raise DryRunError()
     plaintext, source, source_material = _decrypt_blob(
         kms,
+        caller,
         request.ciphertext_blob,
         request.source_encryption_context,
         request.source_key_id,
@@ -246,6 +318,7 @@ def _data_key_length(key_spec: int, number_of_bytes: int) -> int:
 
 async def _data_key(
     kms: Kms,
+    caller: Caller,
     key_ref: str,
     context: Mapping[str, str],
     grant_tokens: Sequence[str],
@@ -255,8 +328,9 @@ async def _data_key(
     min_commit_index: int,
 ) -> tuple[bytes, bytes, str, str]:
     _common(context, grant_tokens, "encryption_context")
+    await access.wait_for_grant_tokens(kms, grant_tokens)
     await _crypto_read(kms, min_commit_index, [key_ref])
-    key = kms.names.resolve(kms.store, key_ref)
+    key = _authorized(kms, caller, key_ref, f"kms:{operation}", context)
     arn = _usable(kms, key, operation)
     if dry_run:
         raise DryRunError()
@@ -266,13 +340,14 @@ async def _data_key(
 
 
 async def generate_data_key(
-    kms: Kms, request: pb.GenerateDataKeyRequest
+    kms: Kms, request: pb.GenerateDataKeyRequest, caller: Caller
 ) -> pb.GenerateDataKeyResponse:
     length = _data_key_length(request.key_spec, request.number_of_bytes)
     if request.HasField("recipient"):
         raise UnsupportedOperationError("recipient: Nitro enclave recipients are not supported.")
     data_key, blob, arn, used = await _data_key(
         kms,
+        caller,
         request.key_id,
         request.encryption_context,
         request.grant_tokens,
@@ -287,11 +362,12 @@ async def generate_data_key(
 
 
 async def generate_data_key_without_plaintext(
-    kms: Kms, request: pb.GenerateDataKeyWithoutPlaintextRequest
+    kms: Kms, request: pb.GenerateDataKeyWithoutPlaintextRequest, caller: Caller
 ) -> pb.GenerateDataKeyWithoutPlaintextResponse:
     length = _data_key_length(request.key_spec, request.number_of_bytes)
     _, blob, arn, used = await _data_key(
         kms,
+        caller,
         request.key_id,
         request.encryption_context,
         request.grant_tokens,
@@ -305,7 +381,9 @@ async def generate_data_key_without_plaintext(
     )
 
 
-async def generate_random(kms: Kms, request: pb.GenerateRandomRequest) -> pb.GenerateRandomResponse:
+async def generate_random(
+    kms: Kms, request: pb.GenerateRandomRequest, caller: Caller
+) -> pb.GenerateRandomResponse:
     if request.custom_key_store_id:
         raise UnsupportedOperationError("custom_key_store_id: custom key stores are not supported.")
     if request.HasField("recipient"):
@@ -313,4 +391,5 @@ async def generate_random(kms: Kms, request: pb.GenerateRandomRequest) -> pb.Gen
     if not request.number_of_bytes:
         raise ValidationError("number_of_bytes", "is required")
     validate.in_range("number_of_bytes", request.number_of_bytes, 1, 1024)
+    access.require_account(kms, caller, "GenerateRandom")
     return pb.GenerateRandomResponse(plaintext=kms.rng(request.number_of_bytes))

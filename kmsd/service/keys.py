@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import uuid
 
+from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
+from kmsd.auth.authorizer import Caller
+from kmsd.auth.policy import default_policy
 from kmsd.errors import (
     InternalError,
     LimitExceededError,
@@ -16,9 +19,10 @@ from kmsd.errors import (
     ValidationError,
 )
 from kmsd.fsm.store import MAX_TAGS_PER_KEY
-from kmsd.service import validate
+from kmsd.service import access, validate
 from kmsd.service.context import Kms
 from kmsd.service.paging import page
+from kmsd.service.policies import checked_policy
 from kmsd.service.views import key_metadata, timestamp
 
 DEFAULT_PENDING_WINDOW_DAYS = 30
@@ -44,17 +48,14 @@ def _unsupported_create_options(request: pb.CreateKeyRequest) -> None:
             f"origin {res.Origin.Name(request.origin)} is not supported yet;"
             " only ORIGIN_AWS_KMS is."
         )
-    # Key policies are not enforced yet: storing one would promise protection kmsd
-    # does not give, so it is refused until policies are evaluated.
-    for name in ("policy", "bypass_policy_lockout_safety_check"):
-        if getattr(request, name):
-            raise UnsupportedOperationError(f"{name}: key policies are not supported yet.")
     for name in ("custom_key_store_id", "xks_key_id", "multi_region"):
         if getattr(request, name):
             raise UnsupportedOperationError(f"{name} is not supported.")
 
 
-async def create_key(kms: Kms, request: pb.CreateKeyRequest) -> pb.CreateKeyResponse:
+async def create_key(
+    kms: Kms, request: pb.CreateKeyRequest, caller: Caller
+) -> pb.CreateKeyResponse:
     validate.request_id(request.request_id)
     validate.description(request.description)
     _unsupported_create_options(request)
@@ -63,8 +64,21 @@ async def create_key(kms: Kms, request: pb.CreateKeyRequest) -> pb.CreateKeyResp
         raise LimitExceededError(
             f"A key may have at most {MAX_TAGS_PER_KEY} tags; {len(request.tags)} were given."
         )
+    access.require_account(kms, caller, "CreateKey")
     key_id = str(uuid.UUID(bytes=kms.rng(16), version=4))
-    command = kms.command(request)
+    if request.policy:
+        policy = request.policy
+        checked_policy(
+            kms,
+            caller,
+            policy,
+            kms.names.key_arn(key_id),
+            request.bypass_policy_lockout_safety_check,
+        )
+    else:
+        # AWS's default key policy, plus full access for the key's creator.
+        policy = default_policy(kms.names.account, caller.principal or None)
+    command = kms.command(request, caller.principal)
     command.create_key.CopyFrom(
         fsm.CreateKey(
             key_id=key_id,
@@ -74,6 +88,7 @@ async def create_key(kms: Kms, request: pb.CreateKeyRequest) -> pb.CreateKeyResp
             origin=res.ORIGIN_AWS_KMS,
             wrapped_material=kms.new_wrapped_material(key_id, 1),
             tags=request.tags,
+            policy=policy,
         )
     )
     committed = await kms.propose(command)
@@ -85,14 +100,18 @@ async def create_key(kms: Kms, request: pb.CreateKeyRequest) -> pb.CreateKeyResp
     )
 
 
-async def describe_key(kms: Kms, request: pb.DescribeKeyRequest) -> pb.DescribeKeyResponse:
-    validate.grant_tokens(request.grant_tokens)
-    await kms.read(request.min_commit_index)
-    key = kms.names.resolve(kms.store, request.key_id)
+async def describe_key(
+    kms: Kms, request: pb.DescribeKeyRequest, caller: Caller
+) -> pb.DescribeKeyResponse:
+    await access.wait_for_grant_tokens(kms, request.grant_tokens)
+    key = await access.key_for_read(
+        kms, caller, request.key_id, "kms:DescribeKey", request.min_commit_index
+    )
     return pb.DescribeKeyResponse(key_metadata=key_metadata(kms.names, key))
 
 
-async def list_keys(kms: Kms, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
+async def list_keys(kms: Kms, request: pb.ListKeysRequest, caller: Caller) -> pb.ListKeysResponse:
+    access.require_account(kms, caller, "ListKeys")
     await kms.read(request.min_commit_index)
     keys = sorted(kms.store.keys(), key=lambda k: k.key_id)
     chosen, next_marker = page(keys, lambda k: k.key_id, "keys", request.limit, request.marker)
@@ -105,51 +124,54 @@ async def list_keys(kms: Kms, request: pb.ListKeysRequest) -> pb.ListKeysRespons
     )
 
 
-async def _key_id(kms: Kms, key_ref: str, request_id: str) -> str:
-    validate.request_id(request_id)
-    return (await kms.resolve_for_write(key_ref)).key_id
+async def _key_id(kms: Kms, caller: Caller, request: Message, key_ref: str, action: str) -> str:
+    validate.request_id(getattr(request, "request_id", ""))
+    key = await access.key_for_write(kms, caller, key_ref, f"kms:{action}", request=request)
+    return key.key_id
 
 
 async def update_key_description(
-    kms: Kms, request: pb.UpdateKeyDescriptionRequest
+    kms: Kms, request: pb.UpdateKeyDescriptionRequest, caller: Caller
 ) -> pb.UpdateKeyDescriptionResponse:
     validate.description(request.description)
-    command = kms.command(request)
+    key_id = await _key_id(kms, caller, request, request.key_id, "UpdateKeyDescription")
+    command = kms.command(request, caller.principal)
     command.update_key_description.CopyFrom(
-        fsm.UpdateKeyDescription(
-            key_id=await _key_id(kms, request.key_id, request.request_id),
-            description=request.description,
-        )
+        fsm.UpdateKeyDescription(key_id=key_id, description=request.description)
     )
     committed = await kms.propose(command)
     return pb.UpdateKeyDescriptionResponse(commit_index=committed.commit_index)
 
 
-async def enable_key(kms: Kms, request: pb.EnableKeyRequest) -> pb.EnableKeyResponse:
-    command = kms.command(request)
-    command.enable_key.key_id = await _key_id(kms, request.key_id, request.request_id)
+async def enable_key(
+    kms: Kms, request: pb.EnableKeyRequest, caller: Caller
+) -> pb.EnableKeyResponse:
+    key_id = await _key_id(kms, caller, request, request.key_id, "EnableKey")
+    command = kms.command(request, caller.principal)
+    command.enable_key.key_id = key_id
     committed = await kms.propose(command)
     return pb.EnableKeyResponse(commit_index=committed.commit_index)
 
 
-async def disable_key(kms: Kms, request: pb.DisableKeyRequest) -> pb.DisableKeyResponse:
-    command = kms.command(request)
-    command.disable_key.key_id = await _key_id(kms, request.key_id, request.request_id)
+async def disable_key(
+    kms: Kms, request: pb.DisableKeyRequest, caller: Caller
+) -> pb.DisableKeyResponse:
+    key_id = await _key_id(kms, caller, request, request.key_id, "DisableKey")
+    command = kms.command(request, caller.principal)
+    command.disable_key.key_id = key_id
     committed = await kms.propose(command)
     return pb.DisableKeyResponse(commit_index=committed.commit_index)
 
 
 async def schedule_key_deletion(
-    kms: Kms, request: pb.ScheduleKeyDeletionRequest
+    kms: Kms, request: pb.ScheduleKeyDeletionRequest, caller: Caller
 ) -> pb.ScheduleKeyDeletionResponse:
     window = request.pending_window_in_days or DEFAULT_PENDING_WINDOW_DAYS
     validate.in_range("pending_window_in_days", window, 7, 30)
-    command = kms.command(request)
+    key_id = await _key_id(kms, caller, request, request.key_id, "ScheduleKeyDeletion")
+    command = kms.command(request, caller.principal)
     command.schedule_key_deletion.CopyFrom(
-        fsm.ScheduleKeyDeletion(
-            key_id=await _key_id(kms, request.key_id, request.request_id),
-            pending_window_in_days=window,
-        )
+        fsm.ScheduleKeyDeletion(key_id=key_id, pending_window_in_days=window)
     )
     committed = await kms.propose(command)
     key = kms.store.key(committed.key_id)
@@ -164,10 +186,11 @@ async def schedule_key_deletion(
 
 
 async def cancel_key_deletion(
-    kms: Kms, request: pb.CancelKeyDeletionRequest
+    kms: Kms, request: pb.CancelKeyDeletionRequest, caller: Caller
 ) -> pb.CancelKeyDeletionResponse:
-    command = kms.command(request)
-    command.cancel_key_deletion.key_id = await _key_id(kms, request.key_id, request.request_id)
+    key_id = await _key_id(kms, caller, request, request.key_id, "CancelKeyDeletion")
+    command = kms.command(request, caller.principal)
+    command.cancel_key_deletion.key_id = key_id
     committed = await kms.propose(command)
     return pb.CancelKeyDeletionResponse(
         key_id=kms.names.key_arn(committed.key_id), commit_index=committed.commit_index

@@ -1,4 +1,5 @@
-"""Stored records rendered as API messages (KeyMetadata, AliasListEntry, timestamps)."""
+"""Stored records rendered as API messages (KeyMetadata, AliasListEntry, GrantListEntry,
+timestamps)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kms.fsm.v1 import commands_pb2 as fsm
 from kms.v1 import resources_pb2 as res
 
+from kmsd.auth.policy import root_arn
 from kmsd.crypto.keygen import material_id
 from kmsd.service.names import Names
 
@@ -52,3 +54,20 @@ def alias_entry(names: Names, alias: fsm.AliasRecord) -> res.AliasListEntry:
         creation_date=timestamp(alias.creation_ms),
         last_updated_date=timestamp(alias.last_updated_ms),
     )
+
+
+def grant_entry(names: Names, grant: fsm.GrantRecord) -> res.GrantListEntry:
+    entry = res.GrantListEntry(
+        key_id=grant.key_id,
+        grant_id=grant.grant_id,
+        name=grant.name,
+        creation_date=timestamp(grant.creation_ms),
+        grantee_principal=grant.grantee_principal,
+        retiring_principal=grant.retiring_principal,
+        issuing_account=root_arn(names.account),
+        operations=grant.operations,
+        issuing_principal=grant.issuing_principal,
+    )
+    if grant.HasField("constraints"):
+        entry.constraints.CopyFrom(grant.constraints)
+    return entry

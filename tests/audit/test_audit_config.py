@@ -10,11 +10,11 @@ from kmsd.config import AuditConfig, ConfigError, config_from_dict
 
 
 def config(audit: dict[str, object]) -> dict[str, object]:
-    return {"node": {"data_dir": "/var/lib/kmsd"}, "audit": audit}
+    return {"node": {"data_dir": "/var/lib/kmsd"}, "audit": audit, "tls": {"plaintext": True}}
 
 
 def test_defaults() -> None:
-    parsed = config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}})
+    parsed = config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}, "tls": {"plaintext": True}})
     assert parsed.audit == AuditConfig(enabled=True, path=None, max_file_bytes=64 << 20, fsync=True)
     assert parsed.audit_dir == Path("/var/lib/kmsd/audit")
 

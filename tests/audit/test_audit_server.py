@@ -30,7 +30,13 @@ Scenario = Callable[[Node, pb_grpc.KeyManagementServiceStub, grpc.aio.Channel], 
 def run_node(data_dir: Path, scenario: Scenario, **audit: Any) -> None:
     async def main() -> None:
         config = config_from_dict(
-            {"node": {"data_dir": str(data_dir), "listen": "127.0.0.1:0"}, "audit": audit}
+            {
+                "node": {"data_dir": str(data_dir), "listen": "127.0.0.1:0"},
+                "audit": audit,
+                "tls": {"plaintext": True},  # loopback; every caller is "anonymous"
+                # ... whom these tests make administrator and operator.
+                "auth": {"administrators": ["anonymous"], "operators": ["anonymous"]},
+            }
         )
         node = Node(config)
         await node.start()

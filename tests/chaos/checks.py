@@ -59,7 +59,9 @@ def relax_encrypts(history: list[Operation], staleness_s: float) -> list[Operati
 
 def final_write(cluster: ChaosCluster, deadline_s: float = 20.0) -> str:
     """A CreateKey through the failover client must succeed once healed."""
-    with KmsClient(cluster.endpoints, timeout=3.0, max_attempts=20, max_backoff=0.5) as client:
+    with KmsClient(
+        cluster.endpoints, tls=cluster.tls, timeout=3.0, max_attempts=20, max_backoff=0.5
+    ) as client:
         end = time.monotonic() + deadline_s
         while True:
             try:
@@ -226,7 +228,9 @@ def chaos_run(
     rng = random.Random(seed)
     cluster = make_cluster(size, **(cluster_options or {}))
     recorder = HistoryRecorder()
-    workload = Workload(cluster.endpoints, recorder, seed=seed, **(workload_options or {}))
+    workload = Workload(
+        cluster.endpoints, recorder, tls=cluster.tls, seed=seed, **(workload_options or {})
+    )
     workload.start()
     try:
         try:

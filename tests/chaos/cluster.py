@@ -32,7 +32,10 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from proxy import Mode, ProxyNet
 
+from kms_client import TlsFiles
+from kmsd.auth.certs import ensure_dev_pki
 from kmsd.crypto.seal import FileSeal
+from kmsd.dev_cluster import security_toml
 
 START_TIMEOUT_S = 60.0
 POLL_S = 0.05  # a pacing interval for polling loops, never a wait for state
@@ -130,6 +133,10 @@ class ChaosCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.seal_path = self.root / "root.key"
         FileSeal.create(self.seal_path)  # what `kmsd init --seal` does: one key for all
+        # Mutual TLS as `kmsd dev` sets it up: a CA, node certificates and an admin.
+        self.pki = ensure_dev_pki(self.root / "tls", "chaos", range(1, size + 1))
+        self.tls = TlsFiles(self.pki.ca.cert, self.pki.admin.cert, self.pki.admin.key)
+        self._credentials = self.tls.credentials()
         self.proxy = ProxyNet(self._pids, seed=seed, lifetime_s=lifetime_s)
         ports = free_ports(2 * size)
         self.nodes: dict[int, NodeProc] = {}
@@ -166,6 +173,7 @@ class ChaosCluster:
                 f"{raft}"
                 f"\n[log]\nsnapshot_every = {snapshot_every}\n"
                 f'\n[cluster]\nid = "chaos"\n{members}'
+                f"{security_toml(self.pki, node.node_id)}"
             )
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -376,7 +384,9 @@ class ChaosCluster:
     def _channel(self, node_id: int) -> grpc.Channel:
         node = self.nodes[node_id]
         if node.channel is None:
-            node.channel = grpc.insecure_channel(node.endpoint, options=CHANNEL_OPTIONS)
+            node.channel = grpc.secure_channel(
+                node.endpoint, self._credentials, options=CHANNEL_OPTIONS
+            )
         return node.channel
 
     def kms(self, node_id: int) -> pb_grpc.KeyManagementServiceStub:

@@ -47,7 +47,13 @@ def test_chaos_one_node_down_stays_available(make_cluster, seed):
     cluster = make_cluster(3)
     recorder = HistoryRecorder()
     workload = Workload(
-        cluster.endpoints, recorder, seed=seed, direct_clients=3, failover_clients=3, think_s=0.02
+        cluster.endpoints,
+        recorder,
+        tls=cluster.tls,
+        seed=seed,
+        direct_clients=3,
+        failover_clients=3,
+        think_s=0.02,
     )
     t0 = time.monotonic()
     workload.start()
@@ -99,7 +105,12 @@ def test_chaos_majority_lost(make_cluster, seed):
     cluster = make_cluster(3)
     recorder = HistoryRecorder()
     workload = Workload(
-        cluster.endpoints, recorder, seed=seed, direct_clients=2, failover_clients=2
+        cluster.endpoints,
+        recorder,
+        tls=cluster.tls,
+        seed=seed,
+        direct_clients=2,
+        failover_clients=2,
     )
     try:
         workload.start()

@@ -42,6 +42,7 @@ def test_encrypt_on_resumed_paused_leader(make_cluster, seed):
     workload = Workload(
         cluster.endpoints,
         recorder,
+        tls=cluster.tls,
         seed=seed,
         direct_clients=0,
         failover_clients=0,
@@ -130,6 +131,7 @@ def test_encrypt_staleness_bound_on_slow_link(make_cluster, seed):
     workload = Workload(
         cluster.endpoints,
         recorder,
+        tls=cluster.tls,
         seed=seed,
         direct_clients=0,
         failover_clients=0,

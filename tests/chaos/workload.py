@@ -43,7 +43,7 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from kms.v1 import resources_pb2 as res
 
-from kms_client import KmsClient
+from kms_client import KmsClient, TlsFiles
 from kms_client.errors import KmsClientError, from_rpc_error
 from kmsd.checker import HistoryRecorder
 
@@ -99,6 +99,7 @@ class Workload:
         endpoints: list[str],
         recorder: HistoryRecorder,
         *,
+        tls: TlsFiles,
         seed: int,
         direct_clients: int = 4,
         failover_clients: int = 2,
@@ -119,11 +120,15 @@ class Workload:
         self.unknown_creates = 0
         self.outcomes: list[Outcome] = []
         self.errors: list[BaseException] = []
-        self._channels = [grpc.insecure_channel(e, options=CHANNEL_OPTIONS) for e in endpoints]
+        credentials = tls.credentials()
+        self._channels = [
+            grpc.secure_channel(e, credentials, options=CHANNEL_OPTIONS) for e in endpoints
+        ]
         self._stubs = [pb_grpc.KeyManagementServiceStub(c) for c in self._channels]
         self._failover = [
             KmsClient(
                 self.endpoints,
+                tls=tls,
                 timeout=op_timeout_s,
                 max_attempts=4,
                 initial_backoff=0.05,
@@ -135,6 +140,7 @@ class Workload:
         ]
         self._solo = KmsClient(
             self.endpoints,
+            tls=tls,
             timeout=op_timeout_s,
             max_attempts=4,
             initial_backoff=0.05,

@@ -12,6 +12,15 @@ from kms_fake import FakeCluster, FakeKms, Sleeps, unused_loopback_address
 from kms_client.client import KmsClient
 
 
+@pytest.fixture(autouse=True)
+def plaintext_kmsctl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fakes serve plaintext on loopback: kmsctl is told so (`KMSD_NO_TLS=1`), and
+    TLS files of the developer's environment are ignored."""
+    for name in ("KMSD_CA", "KMSD_CERT", "KMSD_KEY", "KMSD_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KMSD_NO_TLS", "1")
+
+
 @pytest.fixture
 def cluster() -> Iterator[FakeCluster]:
     fakes = FakeCluster()
@@ -39,6 +48,8 @@ def make_client(sleeps: Sleeps) -> Iterator[Callable[..., KmsClient]]:
         kwargs.setdefault("sleep", sleeps)
         kwargs.setdefault("rng", random.Random(7))
         kwargs.setdefault("timeout", 5.0)
+        if "tls" not in kwargs and "credentials" not in kwargs:
+            kwargs.setdefault("plaintext", True)  # the fakes serve plaintext on loopback
         client = KmsClient(endpoints, **kwargs)
         made.append(client)
         return client

@@ -1,4 +1,4 @@
-"""KmsClient methods: each of the 26 RPCs is called with the fields its keyword arguments name."""
+"""KmsClient methods: each of the 34 RPCs is called with the fields its keyword arguments name."""
 
 from __future__ import annotations
 
@@ -156,6 +156,67 @@ CASES: list[tuple[str, Call, dict[str, Any]]] = [
     ),
     ("UntagResource", lambda c: c.untag_resource("k", "a"), {"key_id": "k", "tag_keys": ["a"]}),
     ("ListResourceTags", lambda c: c.list_resource_tags("k", limit=3), {"key_id": "k", "limit": 3}),
+    (
+        "PutKeyPolicy",
+        lambda c: c.put_key_policy("k", "{}", bypass_policy_lockout_safety_check=True),
+        {
+            "key_id": "k",
+            "policy": "{}",
+            "policy_name": "default",
+            "bypass_policy_lockout_safety_check": True,
+        },
+    ),
+    (
+        "GetKeyPolicy",
+        lambda c: c.get_key_policy("k", min_commit_index=2),
+        {"key_id": "k", "policy_name": "default", "min_commit_index": 2},
+    ),
+    ("ListKeyPolicies", lambda c: c.list_key_policies("k", limit=1), {"key_id": "k", "limit": 1}),
+    (
+        "CreateGrant",
+        lambda c: c.create_grant(
+            "k",
+            "spiffe://x/bob",
+            ["Encrypt", "GRANT_OPERATION_DECRYPT", res.GRANT_OPERATION_RE_ENCRYPT_FROM],
+            retiring_principal="spiffe://x/alice",
+            encryption_context_subset={"a": "b"},
+            grant_tokens=["g"],
+            name="n",
+        ),
+        {
+            "key_id": "k",
+            "grantee_principal": "spiffe://x/bob",
+            "retiring_principal": "spiffe://x/alice",
+            "operations": [
+                res.GRANT_OPERATION_ENCRYPT,
+                res.GRANT_OPERATION_DECRYPT,
+                res.GRANT_OPERATION_RE_ENCRYPT_FROM,
+            ],
+            "constraints": res.GrantConstraints(encryption_context_subset={"a": "b"}),
+            "grant_tokens": ["g"],
+            "name": "n",
+        },
+    ),
+    (
+        "ListGrants",
+        lambda c: c.list_grants("k", grantee_principal="p", limit=4),
+        {"key_id": "k", "grantee_principal": "p", "limit": 4},
+    ),
+    (
+        "ListRetirableGrants",
+        lambda c: c.list_retirable_grants("p", marker="m"),
+        {"retiring_principal": "p", "marker": "m"},
+    ),
+    (
+        "RetireGrant",
+        lambda c: c.retire_grant(grant_token="t", dry_run=True),
+        {"grant_token": "t", "dry_run": True},
+    ),
+    (
+        "RevokeGrant",
+        lambda c: c.revoke_grant("k", "g"),
+        {"key_id": "k", "grant_id": "g"},
+    ),
 ]
 
 MUTATING = {
@@ -173,6 +234,10 @@ MUTATING = {
     "RotateKeyOnDemand",
     "TagResource",
     "UntagResource",
+    "PutKeyPolicy",
+    "CreateGrant",
+    "RetireGrant",
+    "RevokeGrant",
 }
 
 
@@ -188,7 +253,7 @@ def echo(cluster: FakeCluster) -> FakeKms:
 
 def test_cases_cover_every_rpc() -> None:
     rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["KeyManagementService"].methods}
-    assert len(rpcs) == 26
+    assert len(rpcs) == 34
     assert {name for name, _, _ in CASES} == rpcs
 
 

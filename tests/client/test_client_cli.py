@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import stat
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from kms.v1 import resources_pb2 as res
 from kms_fake import FakeCluster, FakeKms, make_status
 
 from kms_client.cli import COMMANDS, main
@@ -33,8 +35,63 @@ def _create(capsys: pytest.CaptureFixture[str], ep: list[str], *extra: str) -> d
 
 
 def test_every_rpc_has_a_subcommand() -> None:
-    assert len(COMMANDS) == 26
-    assert len({c.name for c in COMMANDS}) == 26
+    assert len(COMMANDS) == 34
+    assert len({c.name for c in COMMANDS}) == 34
+
+
+def test_put_key_policy_reads_a_file_stdin_or_text(
+    capsys: pytest.CaptureFixture[str],
+    ep: list[str],
+    fake: FakeKms,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    document = '{"Version": "2012-10-17", "Statement": []}'
+    path = tmp_path / "policy.json"
+    path.write_text(document)
+    assert run(capsys, *ep, "put-key-policy", "--key-id", "k", "--policy", str(path))[0] == 0
+    assert run(capsys, *ep, "put-key-policy", "--key-id", "k", "--policy", document)[0] == 0
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"{}")))
+    assert run(capsys, *ep, "put-key-policy", "--key-id", "k", "--policy", "-")[0] == 0
+    sent = fake.calls_of("PutKeyPolicy")
+    assert [r.policy for r in sent] == [document, document, "{}"]
+    assert all(r.policy_name == "default" and r.request_id for r in sent)
+
+
+def test_create_grant_and_retire_grant(
+    capsys: pytest.CaptureFixture[str], ep: list[str], fake: FakeKms
+) -> None:
+    code, _, err = run(
+        capsys,
+        *ep,
+        "create-grant",
+        "--key-id",
+        "k",
+        "--grantee-principal",
+        "spiffe://x/bob",
+        "--operation",
+        "Encrypt",
+        "--operation",
+        "re-encrypt-from",
+        "--constraint-equals",
+        "tenant=a",
+        "--name",
+        "n",
+    )
+    assert code == 0, err
+    (request,) = fake.calls_of("CreateGrant")
+    assert list(request.operations) == [
+        res.GRANT_OPERATION_ENCRYPT,
+        res.GRANT_OPERATION_RE_ENCRYPT_FROM,
+    ]
+    assert dict(request.constraints.encryption_context_equals) == {"tenant": "a"}
+    assert not request.constraints.encryption_context_subset
+    # retire-grant needs a token, or a key id and a grant id.
+    assert run(capsys, *ep, "retire-grant", "--key-id", "k")[0] == 2
+    assert run(capsys, *ep, "retire-grant", "--grant-token", "t")[0] == 0
+    assert run(capsys, *ep, "revoke-grant", "--key-id", "k", "--grant-id", "g")[0] == 0
+    assert [r.grant_token for r in fake.calls_of("RetireGrant")] == ["t"]
+    assert run(capsys, *ep, "create-grant", "--key-id", "k", "--grantee-principal", "p")[0] == 2
 
 
 def test_create_key_human_output(capsys: pytest.CaptureFixture[str], ep: list[str]) -> None:

@@ -42,6 +42,9 @@ BRIEF_NAMES = [
     "AccessDeniedException",
     "KMSInternalException",
     "ThrottlingException",
+    "MalformedPolicyDocumentException",
+    "InvalidGrantTokenException",
+    "InvalidGrantIdException",
 ]
 
 
@@ -184,6 +187,9 @@ def test_hierarchy_mirrors_server() -> None:
         "InvalidArnException",
         "InvalidMarkerException",
         "TagException",
+        "MalformedPolicyDocumentException",
+        "InvalidGrantTokenException",
+        "InvalidGrantIdException",
     ):
         assert issubclass(EXCEPTIONS_BY_AWS_NAME[name], ValidationException)
     assert issubclass(NotFoundException, KmsClientError)

@@ -176,19 +176,19 @@ def test_leader_hint_is_tried_next(
 
 
 def test_closed_client_refuses_calls(fake: FakeKms) -> None:
-    with KmsClient(fake.address) as client:
+    with KmsClient(fake.address, plaintext=True) as client:
         client.generate_random(1)
     with pytest.raises(ValueError):
         client.generate_random(1)
 
 
 def test_endpoint_list_parsing() -> None:
-    client = KmsClient(["h1:1,h2:2", " h3:3 ", "h1:1"])
+    client = KmsClient(["h1:1,h2:2", " h3:3 ", "h1:1"], plaintext=True)
     try:
         assert client.endpoints == ["h1:1", "h2:2", "h3:3"]
     finally:
         client.close()
     with pytest.raises(ValueError):
-        KmsClient([])
+        KmsClient([], plaintext=True)
     with pytest.raises(ValueError):
-        KmsClient("h:1", max_attempts=0)
+        KmsClient("h:1", max_attempts=0, plaintext=True)

@@ -12,6 +12,9 @@ What runs (printed as it goes, see it with `-s`):
    and after, whatever happens.
 
 The single node: kill, crash (restart policy) and a new container on the same volume.
+Mutual TLS throughout: the tests connect with the `admin` client certificate, copied out
+of the containers (`docker cp`): kms-single makes its own CA and certificates in its
+volume; kms-init makes the cluster's (volumes kms-ca and kms-tls).
 The three-node cluster: kms-init makes the one root key every node mounts; a leader
 is elected; the leader's container is killed and the two others keep serving reads
 and writes; restarted, it catches up (it answers, by itself, for the key made while
@@ -39,7 +42,7 @@ import pytest
 from kms.v1 import cluster_service_pb2 as cluster_pb
 from kms.v1 import cluster_service_pb2_grpc as cluster_grpc
 
-from kms_client import KmsClient
+from kms_client import KmsClient, TlsFiles
 from kms_client.errors import KmsClientError
 
 #: Flip to True when `kmsd serve` accepts the cluster configuration (deploy/config/test-*.toml).
@@ -220,8 +223,17 @@ def eventually(what: str, attempt: Callable[[], _T], timeout: float = CATCH_UP_T
             time.sleep(0.5)
 
 
-def client(*endpoints: str, attempts: int = 1) -> KmsClient:
-    return KmsClient(list(endpoints), timeout=5.0, max_attempts=attempts, max_backoff=1.0)
+def client(tls: TlsFiles, *endpoints: str, attempts: int = 1) -> KmsClient:
+    return KmsClient(list(endpoints), tls=tls, timeout=5.0, max_attempts=attempts, max_backoff=1.0)
+
+
+def admin_tls(container: str, directory: str, into: Path) -> TlsFiles:
+    """The CA certificate and the admin's certificate and key, copied out of `directory`
+    in `container` (running or not) with `docker cp`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in ("ca.crt", "client-admin.crt", "client-admin.key"):
+        run(["docker", "cp", f"{container}:{directory}/{name}", str(into / name)], timeout=60)
+    return TlsFiles(into / "ca.crt", into / "client-admin.crt", into / "client-admin.key")
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -297,18 +309,19 @@ def cluster(images: None) -> Iterator[Compose]:
 # ------------------------------------------------------------------------------- tests
 
 
-def test_single_node_survives_kill_crash_and_recreate(single: Compose) -> None:
+def test_single_node_survives_kill_crash_and_recreate(single: Compose, tmp_path: Path) -> None:
     container = single.container("kms-single")
     wait_healthy(container)
+    tls = admin_tls(container, "/var/lib/kmsd/tls", tmp_path / "tls")
 
-    with client(SINGLE_ENDPOINT) as kms:
+    with client(tls, SINGLE_ENDPOINT) as kms:
         key_id = kms.create_key("compose single-node").key_metadata.key_id
         blob = kms.encrypt(key_id, b"kept across restarts", {"test": "compose"}).ciphertext_blob
         assert kms.decrypt(blob, {"test": "compose"}).plaintext == b"kept across restarts"
     say(f"created key {key_id}, encrypted and decrypted through {SINGLE_ENDPOINT}")
 
     def still_there(expect_keys: int) -> None:
-        with client(SINGLE_ENDPOINT) as kms:
+        with client(tls, SINGLE_ENDPOINT) as kms:
             described = kms.describe_key(key_id).key_metadata
             assert described.key_id == key_id
             assert described.description == "compose single-node"
@@ -318,7 +331,7 @@ def test_single_node_survives_kill_crash_and_recreate(single: Compose) -> None:
     # 1. `docker kill` (SIGKILL; Docker counts it as a manual stop: no automatic restart).
     run(["docker", "kill", container], timeout=60, capture=True)
     assert inspect(container, "{{.State.Running}}") == "false"
-    with client(SINGLE_ENDPOINT) as kms, pytest.raises(KmsClientError) as refused:
+    with client(tls, SINGLE_ENDPOINT) as kms, pytest.raises(KmsClientError) as refused:
         kms.describe_key(key_id)
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     say("while killed: calls fail with UNAVAILABLE")
@@ -338,7 +351,7 @@ def test_single_node_survives_kill_crash_and_recreate(single: Compose) -> None:
         assert time.monotonic() < deadline, "the restart policy did not restart the node"
         time.sleep(0.25)
     wait_healthy(container)
-    with client(SINGLE_ENDPOINT) as kms:
+    with client(tls, SINGLE_ENDPOINT) as kms:
         kms.create_key("after the crash")
     still_there(expect_keys=2)
     say("after a crash: restarted by the restart policy, keys intact, writes work")
@@ -353,9 +366,9 @@ def test_single_node_survives_kill_crash_and_recreate(single: Compose) -> None:
     say("after the container was removed and made anew: the volume kept everything")
 
 
-def cluster_status(endpoint: str) -> cluster_pb.GetClusterStatusResponse:
+def cluster_status(endpoint: str, tls: TlsFiles) -> cluster_pb.GetClusterStatusResponse:
     """One node's own view (ClusterService.GetClusterStatus), served by that node."""
-    with grpc.insecure_channel(endpoint) as channel:
+    with grpc.secure_channel(endpoint, tls.credentials()) as channel:
         stub = cluster_grpc.ClusterServiceStub(channel)
         response: cluster_pb.GetClusterStatusResponse = stub.GetClusterStatus(
             cluster_pb.GetClusterStatusRequest(), timeout=3
@@ -363,12 +376,12 @@ def cluster_status(endpoint: str) -> cluster_pb.GetClusterStatusResponse:
         return response
 
 
-def wait_leader(endpoints: dict[str, str], timeout: float = HEALTHY_TIMEOUT) -> str:
+def wait_leader(endpoints: dict[str, str], tls: TlsFiles, timeout: float = HEALTHY_TIMEOUT) -> str:
     """Waits until every node in `endpoints` names the same leader, one of them, which
     sees every one of them as a voter; returns the leader's service name."""
 
     def agreed() -> str:
-        views = {service: cluster_status(e) for service, e in endpoints.items()}
+        views = {service: cluster_status(e, tls) for service, e in endpoints.items()}
         leaders = {v.leader_id for v in views.values()}
         assert len(leaders) == 1 and 0 not in leaders, f"no agreed leader: {leaders}"
         (leader_id,) = leaders
@@ -391,11 +404,13 @@ def seal_fingerprint(container: str) -> str:
     return str(found[-1])
 
 
-def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
+def test_cluster_keeps_serving_with_one_node_down(cluster: Compose, tmp_path: Path) -> None:
     containers = {service: cluster.container(service) for service in CLUSTER_ENDPOINTS}
     for container in containers.values():
         wait_healthy(container)
-    leader = wait_leader(CLUSTER_ENDPOINTS)
+    # kms-init made the CA and the operator's certificate in the kms-ca volume.
+    tls = admin_tls(cluster.container("kms-init"), "/var/lib/kmsd-ca", tmp_path / "tls")
+    leader = wait_leader(CLUSTER_ENDPOINTS, tls)
     everyone = list(CLUSTER_ENDPOINTS.values())
 
     # One root key: kms-init made it once; every node loaded that same key.
@@ -406,14 +421,14 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
     assert set(fingerprints.values()) == {root_key}, (root_key, fingerprints)
     say(f"one root key on every node (fingerprint {root_key})")
 
-    with client(*everyone, attempts=10) as kms:
+    with client(tls, *everyone, attempts=10) as kms:
         created = kms.create_key("before the kill")
         key1 = created.key_metadata.key_id
         blob1 = kms.encrypt(key1, b"one", {"n": "1"}).ciphertext_blob
     # Each node on its own decrypts: each unwraps the key material with its own mount
     # of the seal, so this fails on a node with another root key.
     for service, endpoint in CLUSTER_ENDPOINTS.items():
-        with client(endpoint, attempts=10) as kms:
+        with client(tls, endpoint, attempts=10) as kms:
             described = kms.describe_key(key1, min_commit_index=created.commit_index)
             assert described.key_metadata.key_id == key1
             assert kms.decrypt(blob1, {"n": "1"}).plaintext == b"one", service
@@ -428,7 +443,7 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
     survivors = {s: e for s, e in CLUSTER_ENDPOINTS.items() if s != victim}
 
     def write_and_read() -> tuple[str, bytes, int]:
-        with client(*survivors.values(), attempts=10) as kms:
+        with client(tls, *survivors.values(), attempts=10) as kms:
             created = kms.create_key("while a node was down")
             key = created.key_metadata.key_id
             blob = kms.encrypt(key, b"two", {"n": "2"}).ciphertext_blob
@@ -438,7 +453,7 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
             return key, blob, created.commit_index
 
     key2, blob2, key2_index = eventually("writes and reads on the two survivors", write_and_read)
-    new_leader = wait_leader(survivors)
+    new_leader = wait_leader(survivors, tls)
     assert new_leader != victim
     say(
         f"the two survivors serve reads and writes {time.monotonic() - killed_at:.1f}s after"
@@ -447,7 +462,7 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
     for service, endpoint in survivors.items():
         # attempts=1: answered by this node itself, not by one its hints lead to.
         def knows_key2(endpoint: str = endpoint) -> None:
-            with client(endpoint) as kms:
+            with client(tls, endpoint) as kms:
                 assert kms.describe_key(key2).key_metadata.key_id == key2
                 assert kms.decrypt(blob2, {"n": "2"}).plaintext == b"two"
 
@@ -459,9 +474,9 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
     wait_healthy(containers[victim])
 
     def caught_up() -> None:
-        status = cluster_status(CLUSTER_ENDPOINTS[victim])
+        status = cluster_status(CLUSTER_ENDPOINTS[victim], tls)
         assert status.applied_index >= key2_index, (status.applied_index, key2_index)
-        with client(CLUSTER_ENDPOINTS[victim]) as kms:  # this node only
+        with client(tls, CLUSTER_ENDPOINTS[victim]) as kms:  # this node only
             assert kms.describe_key(key2).key_metadata.key_id == key2
             assert kms.decrypt(blob2, {"n": "2"}).plaintext == b"two"
 
@@ -470,7 +485,7 @@ def test_cluster_keeps_serving_with_one_node_down(cluster: Compose) -> None:
         f"{victim} restarted and caught up in {time.monotonic() - restarted_at:.1f}s: it knows"
         " the key made while it was down and decrypts its ciphertext"
     )
-    wait_leader(CLUSTER_ENDPOINTS)
-    with client(*everyone, attempts=10) as kms:
+    wait_leader(CLUSTER_ENDPOINTS, tls)
+    with client(tls, *everyone, attempts=10) as kms:
         kms.create_key("after the restart")
         assert len(list(kms.iter_keys())) == 3

@@ -9,6 +9,10 @@ document tells an operator to:
   restoring the WHOLE cluster from that one backup;
 * a corrupt WAL: the node refuses to start; it is replaced under a new id.
 
+Mutual TLS throughout, as docs/security.md sets it up: `kmsd certs init|client|node`
+make the CA, the operator's `admin` certificate and each node's certificate; kmsctl
+runs with KMSD_CA, KMSD_CERT and KMSD_KEY.
+
 Each test prints what it runs (see it with `-s`). Marked `compose` with the Docker
 tests: they are the deployment checks `make compose-test` runs; they need no root.
 """
@@ -33,7 +37,7 @@ import pytest
 from kms.v1 import cluster_service_pb2 as cluster_pb
 from kms.v1 import cluster_service_pb2_grpc as cluster_grpc
 
-from kms_client import KmsClient
+from kms_client import KmsClient, TlsFiles
 from kms_client.errors import KmsClientError
 from kmsd.dev_cluster import free_ports
 
@@ -60,9 +64,9 @@ def until(what: str, attempt: Callable[[], _T], timeout: float = CATCH_UP_TIMEOU
             time.sleep(0.2)
 
 
-def status(endpoint: str) -> cluster_pb.GetClusterStatusResponse:
+def status(endpoint: str, tls: TlsFiles) -> cluster_pb.GetClusterStatusResponse:
     """One node's own view (ClusterService.GetClusterStatus)."""
-    with grpc.insecure_channel(endpoint) as channel:
+    with grpc.secure_channel(endpoint, tls.credentials()) as channel:
         response: cluster_pb.GetClusterStatusResponse = cluster_grpc.ClusterServiceStub(
             channel
         ).GetClusterStatus(cluster_pb.GetClusterStatusRequest(), timeout=2)
@@ -80,10 +84,15 @@ class Node:
         self.config = root / f"node-{node_id}.toml"
         self.log = root / f"node-{node_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls: TlsFiles | None = None  # the operator's, to check on the node
 
     def write_config(self, cluster: Cluster, members: list[Node], *, join: bool) -> None:
         """The config docs/operations.md shows: founders list every founder; a joining
         node has `join = true` and lists the CURRENT members (where to reach them)."""
+        tls = cluster.tls_dir
+        if not (tls / f"node-{self.id}.crt").exists():
+            kmsd_cli("certs", "node", "--dir", str(tls), "--id", str(self.id))
+        self.tls = cluster.tls
         lines = [
             "[node]",
             f"id = {self.id}",
@@ -104,6 +113,17 @@ class Node:
                 f'client_address = "{member.endpoint}"',
             ]
         lines += ["", "[seal]", f'path = "{cluster.seal}"', ""]
+        lines += [
+            "[tls]",
+            f'cert_file = "{tls / f"node-{self.id}.crt"}"',
+            f'key_file = "{tls / f"node-{self.id}.key"}"',
+            f'ca_file = "{tls / "ca.crt"}"',
+            "",
+            "[auth]",
+            f'administrators = ["{cluster.admin}"]',
+            f'operators = ["{cluster.admin}"]',
+            "",
+        ]
         self.config.write_text("\n".join(lines))
 
     def start(self) -> Node:
@@ -124,7 +144,8 @@ class Node:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node {self.id} exited {self.proc.returncode}")
-            status(self.endpoint)
+            assert self.tls is not None
+            status(self.endpoint, self.tls)
 
         try:
             until(f"node {self.id} serving", answers, START_TIMEOUT)
@@ -160,6 +181,13 @@ class Cluster:
         self.root = root
         self.cluster_id = "ops-test"
         self.seal = root / "seal" / "root.key"
+        self.tls_dir = root / "tls"
+        self.admin = f"spiffe://{self.cluster_id}/user/admin"
+        self.tls = TlsFiles(
+            self.tls_dir / "ca.crt",
+            self.tls_dir / "client-admin.crt",
+            self.tls_dir / "client-admin.key",
+        )
         ports = free_ports(2 * max_nodes)
         self.nodes = {
             i: Node(root, i, ports[i - 1], ports[max_nodes + i - 1])
@@ -173,6 +201,24 @@ class Cluster:
         assert self.seal.stat().st_mode & 0o777 == 0o600
         with pytest.raises(AssertionError, match="refusing to overwrite"):
             kmsd_cli("init", "--seal", str(self.seal))
+
+    def init_tls(self) -> None:
+        """The cluster's CA and the operator's client certificate (docs/security.md)."""
+        kmsd_cli("certs", "init", "--dir", str(self.tls_dir), "--cluster-id", self.cluster_id)
+        out = kmsd_cli("certs", "client", "--dir", str(self.tls_dir), "--name", "admin")
+        assert self.admin in out
+        assert (self.tls_dir / "client-admin.key").stat().st_mode & 0o777 == 0o600
+
+    def kmsctl(self, *args: str) -> str:
+        """kmsctl as the operator: KMSD_CA, KMSD_CERT and KMSD_KEY name the admin's files."""
+        env = {
+            **os.environ,
+            "KMSD_CA": str(self.tls.ca),
+            "KMSD_CERT": str(self.tls.cert),
+            "KMSD_KEY": str(self.tls.key),
+        }
+        command = [sys.executable, "-m", "kms_client.cli", *args]
+        return _run(command, "kmsctl " + shlex.join(args), env=env)
 
     def found(self, *ids: int) -> None:
         """Writes the founders' configs (every founder lists all of them) and starts them."""
@@ -195,12 +241,12 @@ class Cluster:
         exactly `ids` (all caught up); returns its id."""
 
         def agreed() -> int:
-            views = [status(self.nodes[i].endpoint) for i in ids]
+            views = [status(self.nodes[i].endpoint, self.tls) for i in ids]
             leaders = {v.leader_id for v in views}
             assert len(leaders) == 1, leaders
             (leader,) = leaders
             assert leader in ids, leader
-            leader_view = status(self.nodes[leader].endpoint)
+            leader_view = status(self.nodes[leader].endpoint, self.tls)
             voters = sorted(m.node_id for m in leader_view.members if m.voter)
             assert voters == sorted(ids), voters
             assert all(m.lag == 0 for m in leader_view.members), leader_view
@@ -213,14 +259,20 @@ class Cluster:
         `kmsctl cluster status` shows before a membership change may be sent."""
 
         def agreed() -> int:
-            leaders = {status(self.nodes[i].endpoint).leader_id for i in ids}
+            leaders = {status(self.nodes[i].endpoint, self.tls).leader_id for i in ids}
             assert len(leaders) == 1 and leaders <= set(ids), leaders
             return leaders.pop()
 
         return until(f"a leader among {ids}", agreed)
 
     def client(self, *ids: int, attempts: int = 10) -> KmsClient:
-        return KmsClient(self.endpoints(*ids), timeout=5.0, max_attempts=attempts, max_backoff=1.0)
+        return KmsClient(
+            self.endpoints(*ids),
+            tls=self.tls,
+            timeout=5.0,
+            max_attempts=attempts,
+            max_backoff=1.0,
+        )
 
     def stop_all(self) -> None:
         for node in self.nodes.values():
@@ -228,10 +280,16 @@ class Cluster:
                 node.stop()
 
 
-def _run(cmd: list[str], shown: str) -> str:
+def _run(cmd: list[str], shown: str, env: dict[str, str] | None = None) -> str:
     say(f"$ {shown}")
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+        env=env,
     )
     output = proc.stdout + proc.stderr
     for line in output.rstrip().splitlines():
@@ -239,10 +297,6 @@ def _run(cmd: list[str], shown: str) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{shown} exited {proc.returncode}: {output}")
     return output
-
-
-def kmsctl(*args: str) -> str:
-    return _run([sys.executable, "-m", "kms_client.cli", *args], "kmsctl " + shlex.join(args))
 
 
 def kmsd_cli(*args: str) -> str:
@@ -275,6 +329,7 @@ def unpack(tgz: Path, data_dir: Path) -> None:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path, max_nodes=5)
     cluster.init_seal()
+    cluster.init_tls()
     try:
         yield cluster
     finally:
@@ -316,16 +371,16 @@ def test_replace_a_lost_node(cluster: Cluster) -> None:
     # 1. The others have a leader (they elect one within 1-2 s).
     cluster.wait_leader_among(*kept)
     everyone = ",".join(cluster.endpoints(1, 2, 3))
-    out = kmsctl("cluster", "--endpoint", everyone, "status")
+    out = cluster.kmsctl("cluster", "--endpoint", everyone, "status")
     assert "unreachable" in out
 
     # 2. Remove the dead id (the two others are a majority of three: this commits).
-    kmsctl("cluster", "--endpoint", everyone, "remove", "--node-id", str(gone))
+    cluster.kmsctl("cluster", "--endpoint", everyone, "remove", "--node-id", str(gone))
     cluster.wait_leader(*kept)
     # 3. Add a NEW id; 4. start it: empty data dir, join = true, the current members.
     new = cluster.nodes[4]
     new.write_config(cluster, [cluster.nodes[i] for i in kept], join=True)
-    kmsctl(
+    cluster.kmsctl(
         "cluster",
         "--endpoint",
         ",".join(cluster.endpoints(*kept)),
@@ -341,7 +396,7 @@ def test_replace_a_lost_node(cluster: Cluster) -> None:
     # 5. Wait until it is a voter and caught up.
     members = (*kept, 4)
     _wait_voter(cluster, 4, members)
-    kmsctl("cluster", "--endpoint", ",".join(cluster.endpoints(*members)), "status")
+    cluster.kmsctl("cluster", "--endpoint", ",".join(cluster.endpoints(*members)), "status")
     until(
         "node 4 answering for a key made before it joined",
         partial(_on_node_alone, cluster, 4, key1, blob1, index1),
@@ -375,7 +430,7 @@ def test_grow_from_three_to_five(cluster: Cluster) -> None:
         new.write_config(cluster, [cluster.nodes[i] for i in members], join=True)
         # Here the new node starts first and waits; `cluster add` then brings it in.
         new.start().wait_serving()
-        kmsctl(
+        cluster.kmsctl(
             "cluster",
             "--endpoint",
             ",".join(cluster.endpoints(*members)),
@@ -390,7 +445,7 @@ def test_grow_from_three_to_five(cluster: Cluster) -> None:
         members.append(new_id)
         # One change at a time: the next only once this one is a caught-up voter.
         _wait_voter(cluster, new_id, tuple(members))
-    kmsctl("cluster", "--endpoint", ",".join(cluster.endpoints(*members)), "status")
+    cluster.kmsctl("cluster", "--endpoint", ",".join(cluster.endpoints(*members)), "status")
     for node_id in (4, 5):
         _on_node_alone(cluster, node_id, created.key_metadata.key_id, blob, created.commit_index)
 
@@ -484,11 +539,13 @@ def test_corrupt_wal_refuses_to_start_and_is_replaced(cluster: Cluster) -> None:
 
     # Replace it: remove id 3, wipe, add id 5 with an empty data dir.
     cluster.wait_leader_among(1, 2)
-    kmsctl("cluster", "--endpoint", ",".join(cluster.endpoints(1, 2)), "remove", "--node-id", "3")
+    cluster.kmsctl(
+        "cluster", "--endpoint", ",".join(cluster.endpoints(1, 2)), "remove", "--node-id", "3"
+    )
     shutil.rmtree(victim.data_dir)
     new = cluster.nodes[5]
     new.write_config(cluster, [cluster.nodes[1], cluster.nodes[2]], join=True)
-    kmsctl(
+    cluster.kmsctl(
         "cluster",
         "--endpoint",
         ",".join(cluster.endpoints(1, 2)),

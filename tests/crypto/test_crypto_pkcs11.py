@@ -48,6 +48,9 @@ PIN = "unit-pin-1234"
 KEY_ID = uuid.UUID("11111111-2222-3333-4444-555555555555")
 AAD = material_aad(KEY_ID, 1)
 
+# These tests are about [seal]; TLS is not their subject (docs/security.md).
+PLAIN: dict[str, dict[str, object]] = {"tls": {"plaintext": True}}
+
 
 def softhsm_module() -> str:
     """The SoftHSM2 module path; skips (fails under CI) when SoftHSM2 is missing."""
@@ -465,7 +468,7 @@ def test_a_failing_hsm_is_unavailable_not_corruption(token: Token) -> None:
 
 
 def _config(seal_table: dict[str, object]) -> Config:
-    return config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}, "seal": seal_table})
+    return config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}, "seal": seal_table, **PLAIN})
 
 
 PKCS11 = {
@@ -478,7 +481,7 @@ PKCS11 = {
 
 
 def test_pkcs11_options_parse() -> None:
-    config = config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}, "seal": PKCS11})
+    config = config_from_dict({"node": {"data_dir": "/var/lib/kmsd"}, "seal": PKCS11, **PLAIN})
     assert config.seal.type == "pkcs11"
     assert config.seal.module == PKCS11["module"]
     assert config.seal.token_label == "kmsd" and config.seal.key_label == "kmsd-root"
@@ -486,7 +489,7 @@ def test_pkcs11_options_parse() -> None:
     assert config.seal.create_key is False
     env = {**PKCS11, "pin_env": "KMSD_HSM_PIN", "create_key": True}
     del env["pin_file"]
-    config = config_from_dict({"node": {"data_dir": "/d"}, "seal": env})
+    config = config_from_dict({"node": {"data_dir": "/d"}, "seal": env, **PLAIN})
     assert config.seal_pin_file is None and config.seal.pin_env == "KMSD_HSM_PIN"
     assert config.seal.create_key is True
 
@@ -529,6 +532,7 @@ def test_the_node_opens_the_configured_seal(token: Token, tmp_path: Path) -> Non
         {
             "node": {"data_dir": str(tmp_path)},
             "seal": {**PKCS11, "module": token.module, "token_label": TOKEN},
+            **PLAIN,
         }
     )
     opened = open_seal(config)
@@ -539,5 +543,5 @@ def test_the_node_opens_the_configured_seal(token: Token, tmp_path: Path) -> Non
     (tmp_path / "hsm.pin").chmod(0o644)
     with pytest.raises(Pkcs11SealError, match=r"\[seal\].pin_file"):
         open_seal(config)
-    file_config = config_from_dict({"node": {"data_dir": str(tmp_path)}})
+    file_config = config_from_dict({"node": {"data_dir": str(tmp_path)}, **PLAIN})
     assert open_seal(file_config).name == "file"

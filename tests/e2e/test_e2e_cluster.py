@@ -3,6 +3,8 @@ on followers are forwarded, read-your-writes with min_commit_index, ClusterServi
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import grpc
@@ -25,14 +27,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmsdProcess]:
 
 @pytest.fixture(scope="module")
 def stubs(cluster: KmsdProcess) -> Iterator[list[pb_grpc.KeyManagementServiceStub]]:
-    channels = [grpc.insecure_channel(e) for e in cluster.endpoints]
+    channels = [cluster.channel(e) for e in cluster.endpoints]
     yield [pb_grpc.KeyManagementServiceStub(c) for c in channels]
     for channel in channels:
         channel.close()
 
 
 def _statuses(cluster: KmsdProcess) -> list[cpb.GetClusterStatusResponse]:
-    with ClusterClient(cluster.endpoints) as client:
+    with ClusterClient(cluster.endpoints, tls=cluster.tls_files()) as client:
         return [client.node_status(e) for e in cluster.endpoints]
 
 
@@ -107,7 +109,7 @@ def test_idempotent_retry_on_another_node(
 def test_transfer_leadership(cluster: KmsdProcess) -> None:
     leader_id = _statuses(cluster)[0].leader_id
     target = 1 + leader_id % 3
-    with ClusterClient(cluster.endpoints) as client:
+    with ClusterClient(cluster.endpoints, tls=cluster.tls_files()) as client:
         client.transfer_leadership(target)
     assert {s.leader_id for s in _statuses(cluster)} == {target}
 
@@ -116,9 +118,22 @@ def test_membership_changes_need_the_leader_or_follow_it(cluster: KmsdProcess) -
     statuses = _statuses(cluster)
     follower = next(s for s in statuses if s.role != cpb.NODE_ROLE_LEADER)
     endpoint = cluster.endpoints[follower.node_id - 1]
-    with grpc.insecure_channel(endpoint) as channel, pytest.raises(grpc.RpcError) as info:
+    with cluster.channel(endpoint) as channel, pytest.raises(grpc.RpcError) as info:
         cpb_grpc.ClusterServiceStub(channel).RemoveMember(
             cpb.RemoveMemberRequest(node_id=follower.node_id)
         )
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "leader" in (info.value.details() or "")
+
+
+def test_kmsd_health_checks_a_node_as_itself(cluster: KmsdProcess) -> None:
+    """`kmsd health --config` (the container health check): the node's own certificate."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kmsd", "health", "--config", str(cluster.data_dir / "node-2.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"kmsd health: {cluster.endpoints[1]}: SERVING"

@@ -32,7 +32,7 @@ def _write_until_killed(process: KmsdProcess, seed: int) -> set[str]:
     acked: set[str] = set()
     lock = threading.Lock()
     stop = threading.Event()
-    channel = grpc.insecure_channel(process.endpoint)
+    channel = process.channel()
 
     def writer(n: int) -> None:
         stub = pb_grpc.KeyManagementServiceStub(channel)

@@ -50,6 +50,10 @@ REASONS = {
     "DryRunOperationException": "DRY_RUN_OPERATION",
     "ConflictException": "CONFLICT",
     "LimitExceededException": "LIMIT_EXCEEDED",
+    "MalformedPolicyDocumentException": "MALFORMED_POLICY_DOCUMENT",
+    "InvalidGrantTokenException": "INVALID_GRANT_TOKEN",
+    "InvalidGrantIdException": "INVALID_GRANT_ID",
+    "AccessDeniedException": "ACCESS_DENIED",
 }
 # Exceptions that are validation failures and so carry BadRequest field violations.
 VALIDATION_FAMILY = {
@@ -58,6 +62,9 @@ VALIDATION_FAMILY = {
     "InvalidArnException",
     "InvalidMarkerException",
     "TagException",
+    "MalformedPolicyDocumentException",
+    "InvalidGrantTokenException",
+    "InvalidGrantIdException",
 }
 
 Code = grpc.StatusCode
@@ -249,8 +256,6 @@ def test_malformed_arn_is_invalid_arn(kmsd: KmsdProcess, arn: str) -> None:
 def test_unsupported_options_are_refused_not_ignored(kmsd: KmsdProcess) -> None:
     stub = kmsd.stub()
     for request in (
-        pb.CreateKeyRequest(policy='{"Version":"2012-10-17","Statement":[]}'),
-        pb.CreateKeyRequest(bypass_policy_lockout_safety_check=True),
         pb.CreateKeyRequest(multi_region=True),
         pb.CreateKeyRequest(custom_key_store_id="cks-1234567890abcdef0"),
         pb.CreateKeyRequest(xks_key_id="ext-key-1"),
@@ -262,6 +267,22 @@ def test_unsupported_options_are_refused_not_ignored(kmsd: KmsdProcess) -> None:
             Code.INVALID_ARGUMENT,
             "UnsupportedOperationException",
         )
+
+
+def test_a_malformed_key_policy_names_what_is_wrong(kmsd: KmsdProcess) -> None:
+    stub = kmsd.stub()
+    seen = assert_kms_error(
+        lambda: stub.CreateKey(
+            pb.CreateKeyRequest(policy='{"Version":"2012-10-17","Statement":[]}')
+        ),
+        Code.INVALID_ARGUMENT,
+        "MalformedPolicyDocumentException",
+        field="policy",
+    )
+    assert "Statement: needs at least one statement" in seen.message
+    key = stub.CreateKey(pb.CreateKeyRequest(bypass_policy_lockout_safety_check=True))
+    policy = stub.GetKeyPolicy(pb.GetKeyPolicyRequest(key_id=key.key_metadata.key_id))
+    assert policy.policy_name == "default" and '"kms:*"' in policy.policy
 
 
 # ---- idempotency ----------------------------------------------------------------------
@@ -401,7 +422,7 @@ def test_every_mutating_response_has_an_increasing_commit_index(kmsd: KmsdProces
 
 
 def test_health_check_reports_serving(kmsd: KmsdProcess) -> None:
-    with grpc.insecure_channel(kmsd.endpoint) as channel:
+    with kmsd.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "kms.v1.KeyManagementService"):
             answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
@@ -412,7 +433,7 @@ def test_health_check_reports_serving(kmsd: KmsdProcess) -> None:
 
 
 def test_server_reflection_lists_the_service(kmsd: KmsdProcess) -> None:
-    with grpc.insecure_channel(kmsd.endpoint) as channel:
+    with kmsd.channel() as channel:
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         requests = iter(
             [

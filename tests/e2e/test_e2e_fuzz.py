@@ -22,7 +22,7 @@ Below the protobuf API, test_malformed_request_bytes sends every RPC bytes no pr
 library would produce (invalid UTF-8 in each string field, corrupt framing, random
 bytes): those must be client errors with an ErrorInfo too, never UNKNOWN.
 
-Hypothesis runs EXAMPLES_PER_RPC examples for each of the 26 RPCs from fixed seeds
+Hypothesis runs EXAMPLES_PER_RPC examples for each of the 34 RPCs from fixed seeds
 (printed; the same examples every run) without an example database. For a longer hunt
 with other examples: KMSD_FUZZ_EXAMPLES=500 KMSD_FUZZ_SEED=1234 pytest -s <this file>
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
 import random
 import uuid
@@ -53,13 +54,14 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
 from kmsd.api.server import MAX_MESSAGE_BYTES
+from kmsd.auth.grants import encode_token
 from kmsd_process import KmsdProcess
 
 pytestmark = pytest.mark.e2e
 
 SERVICE = pb.DESCRIPTOR.services_by_name["KeyManagementService"]
 RPCS = [method.name for method in SERVICE.methods]
-# 26 RPCs x 24 = 624 fuzzed calls (plus minimizing): a few seconds.
+# 34 RPCs x 24 = 816 fuzzed calls (plus minimizing): a few seconds.
 EXAMPLES_PER_RPC = int(os.environ.get("KMSD_FUZZ_EXAMPLES", "24"))
 # Each RPC's examples come from its own fixed seed (this plus a hash of its name), so
 # runs repeat exactly and RPCs with look-alike requests still get different ones.
@@ -100,7 +102,62 @@ CONTEXT_FIELDS = {
     "source_encryption_context",
     "destination_encryption_context",
 }
-LISTINGS = {"ListKeys", "ListAliases", "ListKeyRotations", "ListResourceTags"}
+LISTINGS = {
+    "ListKeys",
+    "ListAliases",
+    "ListKeyRotations",
+    "ListResourceTags",
+    "ListKeyPolicies",
+    "ListGrants",
+    "ListRetirableGrants",
+}
+# Grantees and retiring principals of the grants the fuzz creates (nobody calls as them).
+PRINCIPALS = ["spiffe://kmsd.dev/fuzz/app-a", "spiffe://kmsd.dev/fuzz/app-b", "CN with spaces"]
+SYMMETRIC_GRANT_OPERATIONS = [
+    res.GRANT_OPERATION_DECRYPT,
+    res.GRANT_OPERATION_ENCRYPT,
+    res.GRANT_OPERATION_GENERATE_DATA_KEY,
+    res.GRANT_OPERATION_GENERATE_DATA_KEY_WITHOUT_PLAINTEXT,
+    res.GRANT_OPERATION_RE_ENCRYPT_FROM,
+    res.GRANT_OPERATION_RE_ENCRYPT_TO,
+    res.GRANT_OPERATION_CREATE_GRANT,
+    res.GRANT_OPERATION_RETIRE_GRANT,
+    res.GRANT_OPERATION_DESCRIBE_KEY,
+]
+
+
+def good_policy(account: str, extra: str) -> str:
+    """A key policy that keeps the fuzz's caller (an administrator: the account's root)
+    in charge and lets a fuzz principal use the key."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{account}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                },
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": extra},
+                    "Action": ["kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey*"],
+                    "Resource": "*",
+                    "Condition": {"StringLike": {"kms:EncryptionContext:tenant": "fuzz-*"}},
+                },
+            ],
+        }
+    )
+
+
+@dataclass
+class Grant:
+    key_id: str
+    grant_id: str
+    token: str
+
+
 ENABLED = res.KEY_STATE_ENABLED
 
 # Strings that have broken parsers before: control characters, BOM, direction
@@ -169,7 +226,9 @@ class World:
     aliases: dict[str, str] = field(default_factory=dict)  # alias name -> key id
     deleted_aliases: list[str] = field(default_factory=list)
     ciphertexts: list[Ciphertext] = field(default_factory=list)
-    markers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # (marker, key_id)
+    # (marker, key_id), or (marker, retiring principal) for ListRetirableGrants
+    markers: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    grants: list[Grant] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
     tag_keys: list[str] = field(default_factory=lambda: ["env", "team"])
     secrets: list[bytes] = field(default_factory=list)
@@ -267,6 +326,25 @@ def world(kmsd: KmsdProcess) -> World:
             "ListKeyRotations",
             pb.ListKeyRotationsRequest(key_id=seeds[1], limit=1),
             seeds[1],
+        ),
+    ]
+    for n in range(8):
+        key_id = seeds[n % 2]
+        made = stub.CreateGrant(
+            pb.CreateGrantRequest(
+                key_id=key_id,
+                grantee_principal=PRINCIPALS[n % 2],
+                retiring_principal=PRINCIPALS[0],
+                operations=[res.GRANT_OPERATION_ENCRYPT, res.GRANT_OPERATION_RETIRE_GRANT],
+            )
+        )
+        w.grants.append(Grant(key_id, made.grant_id, made.grant_token))
+    first_pages += [
+        ("ListGrants", pb.ListGrantsRequest(key_id=seeds[0], limit=1), seeds[0]),
+        (
+            "ListRetirableGrants",
+            pb.ListRetirableGrantsRequest(retiring_principal=PRINCIPALS[0], limit=1),
+            PRINCIPALS[0],
         ),
     ]
     for rpc, request, key_id in first_pages:
@@ -392,6 +470,13 @@ def wild_key_ref(data: Any, w: World) -> str:
     return str(_pick(data, kind)())
 
 
+def some_grant(data: Any, w: World) -> Grant:
+    """A grant the fuzz created (one that no longer exists when every one is gone: the
+    draw must not depend on the pool, see _pick)."""
+    gone = Grant(w.seed_keys[0], "f" * 64, encode_token("f" * 64, 1))
+    return _pick(data, w.grants or [gone])  # type: ignore[no-any-return]
+
+
 def good_key_ref(data: Any, w: World, keys: list[str] | None = None, aliases: bool = True) -> str:
     pool = keys or w.keys
     key_id = _pick(data, pool)
@@ -499,8 +584,34 @@ def good_value(data: Any, w: World, rpc: str, f: d.FieldDescriptor) -> Any:
         return int(_pick(data, [0, 1, 2]))
     if name == "min_commit_index":
         return int(_pick(data, [0, 0, 1]))
-    # Everything else (grant tokens, dry runs, recipients, policies, custom key stores,
-    # multi-Region, deprecated synonyms) is left unset in a good request.
+    if name == "policy" and (rpc == "PutKeyPolicy" or _chance(data, 30)):
+        return good_policy(w.account, str(_pick(data, PRINCIPALS)))
+    if name == "policy_name":
+        return str(_pick(data, ["", "default"]))
+    if name == "grantee_principal" or (name == "retiring_principal" and rpc != "CreateGrant"):
+        return str(_pick(data, PRINCIPALS))
+    if name == "retiring_principal":
+        return UNSET if _chance(data, 50) else str(_pick(data, PRINCIPALS))
+    if name == "operations":
+        count = data.draw(st.integers(1, 4))
+        return list(dict.fromkeys(_pick(data, SYMMETRIC_GRANT_OPERATIONS) for _ in range(count)))
+    if name == "constraints":
+        if _chance(data, 60):
+            return UNSET
+        pairs = {"tenant": f"fuzz-{data.draw(st.integers(0, 3))}"}
+        if _chance(data, 50):
+            return res.GrantConstraints(encryption_context_equals=pairs)
+        return res.GrantConstraints(encryption_context_subset=pairs)
+    if name == "name":
+        return UNSET if _chance(data, 50) else f"fuzz-grant-{data.draw(st.integers(0, 3))}"
+    if name == "grant_id":
+        return some_grant(data, w).grant_id
+    if name == "grant_token":
+        return some_grant(data, w).token
+    if name == "grant_tokens" and _chance(data, 30):
+        return [some_grant(data, w).token]
+    # Everything else (dry runs, recipients, custom key stores, multi-Region, deprecated
+    # synonyms) is left unset in a good request.
     return UNSET
 
 
@@ -664,6 +775,30 @@ def make_good(data: Any, w: World, rpc: str, request: Any, modes: dict[str, str]
         by_spec = _chance(data, 70)
         if {"key_spec", "number_of_bytes"} <= good:
             request.ClearField("number_of_bytes" if by_spec else "key_spec")
+    elif rpc in ("RetireGrant", "RevokeGrant", "ListGrants"):
+        # A grant is named by its key and id (or, for RetireGrant, by its token alone).
+        grant = some_grant(data, w)
+        if rpc == "RetireGrant" and "grant_token" in good and _chance(data, 50):
+            request.grant_token = grant.token
+            request.ClearField("key_id")
+            request.ClearField("grant_id")
+        elif rpc == "ListGrants" and _chance(data, 60):
+            request.ClearField("grant_id")
+            request.ClearField("grantee_principal")
+        else:
+            if rpc == "RetireGrant":
+                request.ClearField("grant_token")
+            if "key_id" in good:
+                request.key_id = grant.key_id
+            if "grant_id" in good:
+                request.grant_id = grant.grant_id
+        if rpc == "ListGrants" and {"marker", "key_id"} <= good and request.marker:
+            request.key_id = next(k for m, k in w.markers[rpc] if m == request.marker)
+            request.ClearField("grant_id")
+            request.ClearField("grantee_principal")
+    elif rpc == "ListRetirableGrants" and {"marker", "retiring_principal"} <= good:
+        if request.marker:
+            request.retiring_principal = next(k for m, k in w.markers[rpc] if m == request.marker)
     elif rpc in LISTINGS - {"ListKeys"} and {"marker", "key_id"} <= good and request.marker:
         # A marker is bound to its listing, which for these includes the key.
         request.key_id = next(k for m, k in w.markers[rpc] if m == request.marker)
@@ -774,7 +909,30 @@ def learn(w: World, rpc: str, request: Any, response: Any) -> None:
         w.add_secret(response.plaintext)
     elif rpc == "TagResource":
         w.tag_keys.extend(t.tag_key for t in request.tags if t.tag_key not in w.tag_keys)
-    elif rpc in LISTINGS and response.next_marker:
+    elif rpc == "CreateGrant":
+        key_id = w.stub.DescribeKey(pb.DescribeKeyRequest(key_id=request.key_id)).key_metadata
+        w.grants.append(Grant(key_id.key_id, response.grant_id, response.grant_token))
+    elif rpc in ("RetireGrant", "RevokeGrant"):
+        gone = request.grant_id or next(
+            (g.grant_id for g in w.grants if g.token == request.grant_token), ""
+        )
+        w.grants = [g for g in w.grants if g.grant_id != gone]
+        while len(w.grants) < 4:  # keep grants to retire and revoke
+            key_id = w.seed_keys[len(w.grants) % 2]
+            made = w.stub.CreateGrant(
+                pb.CreateGrantRequest(
+                    key_id=key_id,
+                    grantee_principal=PRINCIPALS[1],
+                    retiring_principal=PRINCIPALS[0],
+                    operations=[res.GRANT_OPERATION_DECRYPT],
+                )
+            )
+            w.grants.append(Grant(key_id, made.grant_id, made.grant_token))
+    elif rpc == "ListRetirableGrants" and response.next_marker:
+        w.markers.setdefault(rpc, []).append((response.next_marker, request.retiring_principal))
+    elif rpc in LISTINGS and response.next_marker and not getattr(request, "grant_id", ""):
+        if getattr(request, "grantee_principal", ""):
+            return  # a marker of a filtered listing: not reused
         w.markers.setdefault(rpc, []).append((response.next_marker, getattr(request, "key_id", "")))
 
 
@@ -910,7 +1068,7 @@ def wire_cases(descriptor: d.Descriptor, depth: int = 0) -> list[tuple[str, byte
 def test_malformed_request_bytes(kmsd: KmsdProcess, world: World) -> None:
     """Undecodable requests to every RPC are client errors (INVALID_ARGUMENT with an
     ErrorInfo), never UNKNOWN; a few random byte strings per RPC too."""
-    channel = grpc.insecure_channel(kmsd.endpoint)
+    channel = kmsd.channel()
     # defect (with the message type's name taken out) -> RPC -> what was sent
     defects: dict[str, dict[str, list[str]]] = {}
 
@@ -972,7 +1130,7 @@ def test_fuzz_reached_every_rpc(world: World) -> None:
 
 def test_server_healthy_after_fuzz(kmsd: KmsdProcess) -> None:
     assert kmsd.proc is not None and kmsd.proc.poll() is None, "kmsd exited during the fuzz"
-    channel = grpc.insecure_channel(kmsd.endpoint)
+    channel = kmsd.channel()
     try:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", SERVICE.full_name):

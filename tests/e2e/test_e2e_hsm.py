@@ -23,7 +23,9 @@ from kms.v1 import cluster_service_pb2_grpc as cpb_grpc
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
-from kmsd.dev_cluster import free_ports, node_config
+from kmsd.auth.certs import DevPki, ensure_dev_pki
+from kmsd.dev_cluster import DEV_CLUSTER_ID, free_ports, node_config, security_toml
+from kmsd_process import secure_channel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hsm]
 
@@ -84,9 +86,10 @@ class Hsm:
 class ServeProcess:
     """One `kmsd serve --config FILE` process; its log outlives restarts."""
 
-    def __init__(self, config: Path, endpoint: str, hsm: Hsm) -> None:
+    def __init__(self, config: Path, endpoint: str, hsm: Hsm, pki: DevPki) -> None:
         self.config = config
         self.endpoint = endpoint
+        self.pki = pki
         self.log = config.with_suffix(".log")
         self.env = {
             **os.environ,
@@ -142,7 +145,7 @@ class ServeProcess:
 
 def _serving(node: ServeProcess, clustered: bool) -> int | None:
     """The leader id the node knows (0 = none yet) once it is SERVING; None before."""
-    with grpc.insecure_channel(node.endpoint) as channel:
+    with secure_channel(node.endpoint, node.pki) as channel:
         try:
             health = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
                 health_pb2.HealthCheckRequest(), timeout=1
@@ -176,7 +179,7 @@ def wait_ready(nodes: list[ServeProcess], clustered: bool) -> None:
 
 
 def _stub(node: ServeProcess, channels: list[grpc.Channel]) -> pb_grpc.KeyManagementServiceStub:
-    channel = grpc.insecure_channel(node.endpoint)
+    channel = secure_channel(node.endpoint, node.pki)
     channels.append(channel)
     return pb_grpc.KeyManagementServiceStub(channel)
 
@@ -194,21 +197,27 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> Hsm:
     return Hsm(tmp_path_factory.mktemp("softhsm"))
 
 
-def _single_config(root: Path, port: int, seal: str) -> Path:
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """Certificates as `kmsd dev` makes them: nodes 1-3 and the admin client."""
+    return ensure_dev_pki(tmp_path_factory.mktemp("tls"), DEV_CLUSTER_ID, [1, 2, 3])
+
+
+def _single_config(root: Path, port: int, seal: str, pki: DevPki) -> Path:
     config = root / "node.toml"
     config.write_text(
         f'[node]\ndata_dir = "{root / "data"}"\nlisten = "127.0.0.1:{port}"\n'
-        f'log_level = "INFO"\n{seal}'
+        f'log_level = "INFO"\n{seal}{security_toml(pki, 1)}'
     )
     return config
 
 
 def test_single_node_creates_its_key_in_the_hsm_and_survives_restart(
-    hsm: Hsm, tmp_path: Path, channels: list[grpc.Channel]
+    hsm: Hsm, pki: DevPki, tmp_path: Path, channels: list[grpc.Channel]
 ) -> None:
     (port,) = free_ports(1)
     seal = hsm.seal_table("single-root", create_key=True, pin_from_env=False)
-    node = ServeProcess(_single_config(tmp_path, port, seal), f"127.0.0.1:{port}", hsm)
+    node = ServeProcess(_single_config(tmp_path, port, seal, pki), f"127.0.0.1:{port}", hsm, pki)
     try:
         node.start()
         wait_ready([node], clustered=False)
@@ -242,7 +251,7 @@ def test_single_node_creates_its_key_in_the_hsm_and_survives_restart(
     assert not list(tmp_path.rglob("root.key"))  # no file seal was made
 
 
-def test_start_up_errors_name_the_seal_option(hsm: Hsm, tmp_path: Path) -> None:
+def test_start_up_errors_name_the_seal_option(hsm: Hsm, pki: DevPki, tmp_path: Path) -> None:
     (port,) = free_ports(1)
     cases = [
         (
@@ -266,19 +275,20 @@ def test_start_up_errors_name_the_seal_option(hsm: Hsm, tmp_path: Path) -> None:
         ),
     ]
     for seal, status, message in cases:
-        node = ServeProcess(_single_config(tmp_path, port, seal), f"127.0.0.1:{port}", hsm)
+        config = _single_config(tmp_path, port, seal, pki)
+        node = ServeProcess(config, f"127.0.0.1:{port}", hsm, pki)
         node.start()
         assert node.wait_exit() == status
         assert message in node.output()
         assert PIN not in node.output()
 
 
-def _cluster_configs(root: Path, hsm: Hsm) -> list[tuple[Path, str]]:
+def _cluster_configs(root: Path, hsm: Hsm, pki: DevPki) -> list[tuple[Path, str]]:
     ports = free_ports(6)
     clients, peers = ports[:3], ports[3:]
     configs = []
     for node_id in (1, 2, 3):
-        text = node_config(root, node_id, clients, peers, scheduler_interval=5.0)
+        text = node_config(root, node_id, clients, peers, 5.0, pki)
         seal = hsm.seal_table("cluster-root", create_key=False, pin_from_env=True)
         (section,) = _SEAL_SECTION.findall(text)
         text = text.replace(section, seal)
@@ -289,10 +299,11 @@ def _cluster_configs(root: Path, hsm: Hsm) -> list[tuple[Path, str]]:
 
 
 def test_three_nodes_share_one_token_key_and_survive_a_full_restart(
-    hsm: Hsm, tmp_path: Path, channels: list[grpc.Channel]
+    hsm: Hsm, pki: DevPki, tmp_path: Path, channels: list[grpc.Channel]
 ) -> None:
     nodes = [
-        ServeProcess(path, endpoint, hsm) for path, endpoint in _cluster_configs(tmp_path, hsm)
+        ServeProcess(path, endpoint, hsm, pki)
+        for path, endpoint in _cluster_configs(tmp_path, hsm, pki)
     ]
     try:
         # Generate the shared key once, before any node starts (docs/hsm.md), with the

@@ -125,6 +125,7 @@ def node_result(
         {
             "KMS_EXAMPLE_CIPHERTEXT_B64": base64.b64encode(blob).decode(),
             "KMS_EXAMPLE_CONTEXT_JSON": json.dumps(PY_CONTEXT),
+            **kmsd.kmsctl_env(),  # KMSD_CA, KMSD_CERT, KMSD_KEY: mutual TLS as the admin
         },
     )
 

@@ -21,7 +21,8 @@ KEY_IDS = [f"00000000-0000-4000-8000-{n:012d}" for n in range(4)]
 def _random_command(rng: random.Random, now_ms: int) -> fsm.Command:
     command = fsm.Command(now_ms=now_ms, request_id=rng.choice(["", "", "r1", "r2", "r3"]))
     key_id = rng.choice(KEY_IDS)
-    kind = rng.randrange(12)
+    kind = rng.randrange(16)
+    grant_id = f"{rng.randrange(4):064x}"
     if kind == 0:
         command.create_key.CopyFrom(
             fsm.CreateKey(
@@ -68,6 +69,26 @@ def _random_command(rng: random.Random, now_ms: int) -> fsm.Command:
         )
     elif kind == 10:
         command.delete_key.CopyFrom(fsm.DeleteKey(key_id=key_id, deletion_date_ms=now_ms))
+    elif kind == 12:
+        command.put_key_policy.CopyFrom(fsm.PutKeyPolicy(key_id=key_id, policy=f"p{now_ms}"))
+    elif kind == 13:
+        command.principal = rng.choice(["alice", "bob"])
+        command.create_grant.CopyFrom(
+            fsm.CreateGrant(
+                key_id=key_id,
+                grant_id=grant_id,
+                name=rng.choice(["", "n"]),
+                grantee_principal=rng.choice(["bob", "carol"]),
+                operations=[res.GRANT_OPERATION_ENCRYPT],
+                constraints=res.GrantConstraints(
+                    encryption_context_subset={"t": str(rng.randrange(2))}
+                ),
+            )
+        )
+    elif kind == 14:
+        command.retire_grant.CopyFrom(fsm.RetireGrant(key_id=key_id, grant_id=grant_id))
+    elif kind == 15:
+        command.revoke_grant.CopyFrom(fsm.RevokeGrant(key_id=key_id, grant_id=grant_id))
     else:
         command.enable_key_rotation.CopyFrom(
             fsm.EnableKeyRotation(key_id=key_id, rotation_period_in_days=90)

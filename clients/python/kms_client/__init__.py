@@ -1,8 +1,9 @@
 """kms_client: the Python client of kmsd (typed calls, failover, retries, envelope encryption).
 
-    from kms_client import KmsClient, NotFoundException
+    from kms_client import KmsClient, NotFoundException, TlsFiles
 
-    with KmsClient(["10.0.0.1:7400", "10.0.0.2:7400"]) as kms:
+    tls = TlsFiles(ca="ca.crt", cert="alice.crt", key="alice.key")
+    with KmsClient(["10.0.0.1:7400", "10.0.0.2:7400"], tls=tls) as kms:
         key = kms.create_key("payments").key_metadata
         blob = kms.encrypt(key.key_id, b"secret", {"tenant": "a"}).ciphertext_blob
 
@@ -22,6 +23,7 @@ from kms_client.errors import (
     InvalidAliasNameException,
     InvalidArnException,
     InvalidCiphertextException,
+    InvalidGrantIdException,
     InvalidGrantTokenException,
     InvalidKeyUsageException,
     InvalidMarkerException,
@@ -37,6 +39,7 @@ from kms_client.errors import (
     ValidationException,
     from_rpc_error,
 )
+from kms_client.tls import TlsFiles
 
 __all__ = [
     "DEFAULT_ENDPOINT",
@@ -50,6 +53,7 @@ __all__ = [
     "InvalidArnException",
     "InvalidCiphertextException",
     "InvalidEnvelopeError",
+    "InvalidGrantIdException",
     "InvalidGrantTokenException",
     "InvalidKeyUsageException",
     "InvalidMarkerException",
@@ -62,6 +66,7 @@ __all__ = [
     "NotFoundException",
     "TagException",
     "ThrottlingException",
+    "TlsFiles",
     "UnsupportedOperationException",
     "ValidationException",
     "__version__",

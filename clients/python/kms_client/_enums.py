@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 _V = TypeVar("_V", bound=int)
 
 # AWS spells these enums in CamelCase rather than UPPER_SNAKE.
-_CAMEL_CASE_ENUMS = frozenset({"KeyState"})
+_CAMEL_CASE_ENUMS = frozenset({"KeyState", "GrantOperation"})
 
 
 def enum_prefix(descriptor: EnumDescriptor) -> str:

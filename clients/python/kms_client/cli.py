@@ -10,8 +10,12 @@ Examples:
 
     kmsctl create-key --description payments --tag team=billing
     kmsctl --endpoint 10.0.0.1:7400 --endpoint 10.0.0.2:7400 list-keys --all
+    kmsctl --ca ca.crt --cert alice.crt --key alice.key list-keys   # or KMSD_CA/CERT/KEY
     kmsctl encrypt --key-id alias/payments --plaintext hello --context tenant=a
     kmsctl decrypt --ciphertext-blob <base64> --context tenant=a --out -
+    kmsctl put-key-policy --key-id alias/payments --policy policy.json
+    kmsctl create-grant --key-id alias/payments --grantee-principal spiffe://x/app \\
+        --operation Encrypt --operation Decrypt --constraint-equals tenant=a
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ from kms_client._enums import aws_name, aws_names, enum_value
 from kms_client._version import __version__
 from kms_client.client import DEFAULT_ENDPOINT, KmsClient
 from kms_client.errors import KmsClientError
+from kms_client.tls import ENV_CA, ENV_CERT, ENV_KEY, TlsFiles
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 ENV_ENDPOINT = "KMSD_ENDPOINT"
+ENV_NO_TLS = "KMSD_NO_TLS"
 
 _M = TypeVar("_M", bound=Message)
 _V = TypeVar("_V", bound=int)
@@ -622,6 +628,174 @@ def _run_list_tags(c: KmsClient, a: argparse.Namespace) -> Message:
     )
 
 
+def _policy_text(value: str) -> str:
+    """--policy: '-' (stdin), a file, or the JSON document itself."""
+    if value == "-" or not value.lstrip().startswith("{"):
+        return _read_input(value).decode()
+    return value
+
+
+def _configure_put_key_policy(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    p.add_argument(
+        "--policy",
+        required=True,
+        metavar="FILE|-|JSON",
+        help="the key policy: a file, '-' for stdin, or the JSON document itself",
+    )
+    p.add_argument("--policy-name", default="default", help="always 'default' (AWS)")
+    p.add_argument(
+        "--bypass-policy-lockout-safety-check",
+        action="store_true",
+        help="allow a policy that would stop you from changing it again",
+    )
+    _request_id(p)
+
+
+def _run_put_key_policy(c: KmsClient, a: argparse.Namespace) -> Message:
+    return c.put_key_policy(
+        a.key_id,
+        _policy_text(a.policy),
+        policy_name=a.policy_name,
+        bypass_policy_lockout_safety_check=a.bypass_policy_lockout_safety_check,
+        request_id=a.request_id,
+    )
+
+
+def _configure_get_key_policy(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    p.add_argument("--policy-name", default="default", help="always 'default' (AWS)")
+    _min_commit_index(p)
+
+
+def _configure_list_key_policies(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    _paging(p)
+
+
+def _run_list_key_policies(c: KmsClient, a: argparse.Namespace) -> Message:
+    return _follow(
+        a,
+        lambda m: c.list_key_policies(
+            a.key_id, limit=a.limit, marker=m, min_commit_index=a.min_commit_index
+        ),
+        "policy_names",
+    )
+
+
+def _configure_create_grant(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    p.add_argument(
+        "--grantee-principal", required=True, help="who gets the permissions (TLS principal)"
+    )
+    p.add_argument(
+        "--operation",
+        dest="operations",
+        action="append",
+        required=True,
+        type=_enum_arg(res.GrantOperation),
+        help=f"repeatable; one of: {_choices(res.GrantOperation)}",
+    )
+    p.add_argument("--retiring-principal", default="", help="who may retire the grant")
+    p.add_argument(
+        "--constraint-equals",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="only with exactly this encryption context (repeatable)",
+    )
+    p.add_argument(
+        "--constraint-subset",
+        action="append",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="only with an encryption context holding these pairs (repeatable)",
+    )
+    p.add_argument("--name", default="", help="a friendly name for the grant")
+    _grant_tokens(p)
+    _dry_run(p)
+    _request_id(p)
+
+
+def _run_create_grant(c: KmsClient, a: argparse.Namespace) -> Message:
+    return c.create_grant(
+        a.key_id,
+        a.grantee_principal,
+        a.operations,
+        retiring_principal=a.retiring_principal,
+        encryption_context_equals=_context(a.constraint_equals),
+        encryption_context_subset=_context(a.constraint_subset),
+        grant_tokens=a.grant_tokens,
+        name=a.name,
+        dry_run=a.dry_run,
+        request_id=a.request_id,
+    )
+
+
+def _configure_list_grants(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    p.add_argument("--grant-id", default="", help="only this grant")
+    p.add_argument("--grantee-principal", default="", help="only this grantee's grants")
+    _paging(p)
+
+
+def _run_list_grants(c: KmsClient, a: argparse.Namespace) -> Message:
+    return _follow(
+        a,
+        lambda m: c.list_grants(
+            a.key_id,
+            grant_id=a.grant_id,
+            grantee_principal=a.grantee_principal,
+            limit=a.limit,
+            marker=m,
+            min_commit_index=a.min_commit_index,
+        ),
+        "grants",
+    )
+
+
+def _configure_list_retirable_grants(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retiring-principal", required=True, help="whose retirable grants")
+    _paging(p)
+
+
+def _run_list_retirable_grants(c: KmsClient, a: argparse.Namespace) -> Message:
+    return _follow(
+        a,
+        lambda m: c.list_retirable_grants(
+            a.retiring_principal, limit=a.limit, marker=m, min_commit_index=a.min_commit_index
+        ),
+        "grants",
+    )
+
+
+def _configure_retire_grant(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grant-token", default="", help="the token CreateGrant returned")
+    _key_id(p, required=False, what="with --grant-id instead of --grant-token: the grant's key")
+    p.add_argument("--grant-id", default="", help="with --key-id: the grant")
+    _dry_run(p)
+    _request_id(p)
+
+
+def _run_retire_grant(c: KmsClient, a: argparse.Namespace) -> Message:
+    if not a.grant_token and not (a.key_id and a.grant_id):
+        raise _UsageError("give --grant-token, or --key-id and --grant-id")
+    return c.retire_grant(
+        grant_token=a.grant_token,
+        key_id=a.key_id,
+        grant_id=a.grant_id,
+        dry_run=a.dry_run,
+        request_id=a.request_id,
+    )
+
+
+def _configure_revoke_grant(p: argparse.ArgumentParser) -> None:
+    _key_id(p)
+    p.add_argument("--grant-id", required=True, help="the grant to revoke")
+    _dry_run(p)
+    _request_id(p)
+
+
 COMMANDS: tuple[_Command, ...] = (
     _Command("create-key", "create a symmetric KMS key", _configure_create_key, _run_create_key),
     _Command(
@@ -769,6 +943,53 @@ COMMANDS: tuple[_Command, ...] = (
         lambda c, a: c.untag_resource(a.key_id, a.tag_keys, request_id=a.request_id),
     ),
     _Command("list-resource-tags", "list a key's tags", _configure_list_tags, _run_list_tags),
+    _Command(
+        "put-key-policy",
+        "replace a key's policy",
+        _configure_put_key_policy,
+        _run_put_key_policy,
+    ),
+    _Command(
+        "get-key-policy",
+        "show a key's policy",
+        _configure_get_key_policy,
+        lambda c, a: c.get_key_policy(
+            a.key_id, policy_name=a.policy_name, min_commit_index=a.min_commit_index
+        ),
+    ),
+    _Command(
+        "list-key-policies",
+        "list a key's policy names",
+        _configure_list_key_policies,
+        _run_list_key_policies,
+    ),
+    _Command(
+        "create-grant",
+        "give a principal permissions on a key",
+        _configure_create_grant,
+        _run_create_grant,
+    ),
+    _Command("list-grants", "list a key's grants", _configure_list_grants, _run_list_grants),
+    _Command(
+        "list-retirable-grants",
+        "list the grants a principal may retire",
+        _configure_list_retirable_grants,
+        _run_list_retirable_grants,
+    ),
+    _Command(
+        "retire-grant",
+        "delete a grant you are done with",
+        _configure_retire_grant,
+        _run_retire_grant,
+    ),
+    _Command(
+        "revoke-grant",
+        "delete a grant (key administrators)",
+        _configure_revoke_grant,
+        lambda c, a: c.revoke_grant(
+            a.key_id, a.grant_id, dry_run=a.dry_run, request_id=a.request_id
+        ),
+    ),
 )
 
 
@@ -805,16 +1026,36 @@ def _add_global_options(p: argparse.ArgumentParser, *, top_level: bool) -> None:
         default=default(8),
         help="attempts per call when the cluster is unavailable (default 8)",
     )
-    # TLS is off unless one of these is given (kmsd dev's plaintext loopback mode).
-    p.add_argument("--tls-ca", default=default(None), metavar="PATH", help="TLS: CA bundle (PEM)")
+    # Mutual TLS: these, else $KMSD_CA/$KMSD_CERT/$KMSD_KEY; plaintext only if asked for.
     p.add_argument(
-        "--tls-cert",
+        "--ca",
+        "--tls-ca",
+        dest="tls_ca",
         default=default(None),
         metavar="PATH",
-        help="TLS: client certificate chain (PEM)",
+        help=f"TLS: the CA bundle of the kmsd nodes (PEM; default ${ENV_CA})",
     )
     p.add_argument(
-        "--tls-key", default=default(None), metavar="PATH", help="TLS: client private key (PEM)"
+        "--cert",
+        "--tls-cert",
+        dest="tls_cert",
+        default=default(None),
+        metavar="PATH",
+        help=f"TLS: your client certificate chain (PEM; default ${ENV_CERT})",
+    )
+    p.add_argument(
+        "--key",
+        "--tls-key",
+        dest="tls_key",
+        default=default(None),
+        metavar="PATH",
+        help=f"TLS: your client private key (PEM; default ${ENV_KEY})",
+    )
+    p.add_argument(
+        "--no-tls",
+        action="store_true",
+        default=default(False),
+        help=f"plaintext, for a loopback `kmsd dev --plaintext` only (default ${ENV_NO_TLS}=1)",
     )
 
 
@@ -846,17 +1087,28 @@ def _endpoints(args: argparse.Namespace) -> list[str]:
     return [e.strip() for item in given for e in item.split(",") if e.strip()]
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not (args.tls_ca or args.tls_cert or args.tls_key):
-        return None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise _UsageError("--tls-cert and --tls-key go together")
-    root = _read_input(args.tls_ca) if args.tls_ca else None
-    cert = _read_input(args.tls_cert) if args.tls_cert else None
-    key = _read_input(args.tls_key) if args.tls_key else None
-    return grpc.ssl_channel_credentials(
-        root_certificates=root, private_key=key, certificate_chain=cert
-    )
+def transport(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, bool]:
+    """(credentials, plaintext) from --ca/--cert/--key/--no-tls, else the environment.
+    Raises ValueError naming what is missing."""
+    given = args.tls_ca or args.tls_cert or args.tls_key
+    if args.no_tls or (not given and os.environ.get(ENV_NO_TLS, "") in ("1", "true", "yes")):
+        if given:
+            raise ValueError("--no-tls and --ca/--cert/--key exclude each other")
+        return None, True
+    ca = args.tls_ca or os.environ.get(ENV_CA) or None
+    cert = args.tls_cert or (None if given else os.environ.get(ENV_CERT) or None)
+    key = args.tls_key or (None if given else os.environ.get(ENV_KEY) or None)
+    if ca is None and (cert or key):
+        raise ValueError(f"--ca (or ${ENV_CA}) is needed with a client certificate")
+    if ca is None:
+        raise ValueError(
+            f"kmsd speaks mutual TLS: give --ca, --cert and --key (or ${ENV_CA}, "
+            f"${ENV_CERT}, ${ENV_KEY}; `kmsd dev` prints them), or --no-tls for a "
+            "loopback `kmsd dev --plaintext`"
+        )
+    if (cert is None) != (key is None):
+        raise ValueError("--cert and --key go together")
+    return TlsFiles(ca, cert, key).credentials(), False
 
 
 def _write_raw(path: str, data: bytes) -> None:
@@ -909,17 +1161,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return audit_cli.run(args)
     if args.command == "cluster":
         try:
-            return cluster_cli.run(args, _endpoints(args), args.timeout)
+            credentials, plaintext = transport(args)
+            return cluster_cli.run(
+                args, _endpoints(args), args.timeout, credentials=credentials, plaintext=plaintext
+            )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     command: _Command = args._command
     try:
-        credentials = _credentials(args)
+        credentials, plaintext = transport(args)
         with KmsClient(
             _endpoints(args),
             timeout=args.timeout,
             credentials=credentials,
+            plaintext=plaintext,
             max_attempts=args.max_attempts,
         ) as client:
             response = command.run(client, args)

@@ -2,8 +2,9 @@
 
 What this module owns:
 
-* one gRPC channel per kmsd node (plaintext now; TLS when `credentials` is given),
-  created lazily and closed by `close()`;
+* one gRPC channel per kmsd node (mutual TLS with `tls=TlsFiles(ca, cert, key)`;
+  plaintext only when asked for with `plaintext=True`), created lazily and closed
+  by `close()`;
 * the retry policy: only UNAVAILABLE is retried (it is what kmsd returns when it
   has no quorum or no reachable leader, and what gRPC returns for a dead node),
   with exponential backoff and jitter, never shorter than the server's RetryInfo,
@@ -33,6 +34,7 @@ from kms.v1 import resources_pb2 as res
 from kms_client import envelope
 from kms_client._enums import enum_value
 from kms_client.errors import KmsClientError, from_rpc_error
+from kms_client.tls import TlsFiles, channel_credentials
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -60,8 +62,11 @@ class KmsClient:
         endpoints: ``host:port`` of one or more kmsd nodes (any node serves any call).
             A single string may hold several, comma-separated.
         timeout: deadline in seconds for each attempt of a call.
-        credentials: TLS channel credentials (e.g. ``grpc.ssl_channel_credentials(...)``);
-            None means plaintext channels, for loopback development only.
+        tls: the CA bundle, client certificate and key (``TlsFiles(ca, cert, key)``):
+            kmsd's mutual TLS; the certificate's URI SAN is the caller's principal.
+        credentials: instead of ``tls``, ready-made channel credentials.
+        plaintext: True for plaintext channels (a loopback ``kmsd dev --plaintext``);
+            one of ``tls``, ``credentials`` and ``plaintext`` must be given.
         max_attempts: attempts per call, the first included (>= 1).
         initial_backoff, max_backoff: bounds in seconds of the exponential backoff.
         metadata: extra gRPC metadata sent with every call.
@@ -74,7 +79,9 @@ class KmsClient:
         endpoints: str | Sequence[str] = (DEFAULT_ENDPOINT,),
         *,
         timeout: float = 10.0,
+        tls: TlsFiles | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        plaintext: bool = False,
         # Enough that backoff (0.05 s doubling, capped at 2 s) outlasts a 1-2 s election.
         max_attempts: int = 8,
         initial_backoff: float = 0.05,
@@ -96,7 +103,7 @@ class KmsClient:
         self._endpoints: list[str] = list(dict.fromkeys(parsed))
         self._current = 0
         self._timeout = timeout
-        self._credentials = credentials
+        self._credentials = channel_credentials(tls, credentials, plaintext)
         self._max_attempts = max_attempts
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
@@ -692,6 +699,184 @@ class KmsClient:
             if not (page.truncated and page.next_marker):
                 return
             marker = page.next_marker
+
+    # ------------------------------------------------------------------ key policies
+
+    def put_key_policy(
+        self,
+        key_id: str,
+        policy: str,
+        *,
+        policy_name: str = "default",
+        bypass_policy_lockout_safety_check: bool = False,
+        request_id: str | None = None,
+    ) -> pb.PutKeyPolicyResponse:
+        """PutKeyPolicy: replaces the key policy (a JSON document, at most 32 KiB)."""
+        request = pb.PutKeyPolicyRequest(
+            key_id=key_id,
+            policy_name=policy_name,
+            policy=policy,
+            bypass_policy_lockout_safety_check=bypass_policy_lockout_safety_check,
+            request_id=self._request_id(request_id),
+        )
+        return self._call(lambda s: s.PutKeyPolicy, request, retryable=bool(request.request_id))
+
+    def get_key_policy(
+        self, key_id: str, *, policy_name: str = "default", min_commit_index: int = 0
+    ) -> pb.GetKeyPolicyResponse:
+        """GetKeyPolicy: the key policy document."""
+        request = pb.GetKeyPolicyRequest(
+            key_id=key_id, policy_name=policy_name, min_commit_index=min_commit_index
+        )
+        return self._call(lambda s: s.GetKeyPolicy, request)
+
+    def list_key_policies(
+        self, key_id: str, *, limit: int = 0, marker: str = "", min_commit_index: int = 0
+    ) -> pb.ListKeyPoliciesResponse:
+        """ListKeyPolicies: the names of a key's policies (always ["default"])."""
+        request = pb.ListKeyPoliciesRequest(
+            key_id=key_id, limit=limit, marker=marker, min_commit_index=min_commit_index
+        )
+        return self._call(lambda s: s.ListKeyPolicies, request)
+
+    # ------------------------------------------------------------------ grants
+
+    def create_grant(
+        self,
+        key_id: str,
+        grantee_principal: str,
+        operations: Iterable[EnumArg],
+        *,
+        retiring_principal: str = "",
+        encryption_context_equals: Mapping[str, str] | None = None,
+        encryption_context_subset: Mapping[str, str] | None = None,
+        grant_tokens: Sequence[str] = (),
+        name: str = "",
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> pb.CreateGrantResponse:
+        """CreateGrant: lets `grantee_principal` use the key for `operations` ("Encrypt",
+        "GRANT_OPERATION_DECRYPT" or numbers), optionally only with an encryption context.
+        Pass the returned `grant_token` in `grant_tokens` to use the grant at once."""
+        if isinstance(operations, str):
+            operations = [operations]
+        request = pb.CreateGrantRequest(
+            key_id=key_id,
+            grantee_principal=grantee_principal,
+            retiring_principal=retiring_principal,
+            operations=[enum_value(res.GrantOperation, op) for op in operations],
+            grant_tokens=list(grant_tokens),
+            name=name,
+            dry_run=dry_run,
+            request_id=self._request_id(request_id),
+        )
+        if encryption_context_equals or encryption_context_subset:
+            request.constraints.CopyFrom(
+                res.GrantConstraints(
+                    encryption_context_equals=dict(encryption_context_equals or {}),
+                    encryption_context_subset=dict(encryption_context_subset or {}),
+                )
+            )
+        return self._call(lambda s: s.CreateGrant, request, retryable=bool(request.request_id))
+
+    def list_grants(
+        self,
+        key_id: str,
+        *,
+        grant_id: str = "",
+        grantee_principal: str = "",
+        limit: int = 0,
+        marker: str = "",
+        min_commit_index: int = 0,
+    ) -> pb.ListGrantsResponse:
+        """ListGrants: one page of a key's grants, optionally one grant or one grantee's."""
+        request = pb.ListGrantsRequest(
+            key_id=key_id,
+            grant_id=grant_id,
+            grantee_principal=grantee_principal,
+            limit=limit,
+            marker=marker,
+            min_commit_index=min_commit_index,
+        )
+        return self._call(lambda s: s.ListGrants, request)
+
+    def iter_grants(
+        self,
+        key_id: str,
+        *,
+        grant_id: str = "",
+        grantee_principal: str = "",
+        limit: int = 0,
+        min_commit_index: int = 0,
+    ) -> Iterator[res.GrantListEntry]:
+        """Every grant of a key (filtered as `list_grants`), following markers."""
+        marker = ""
+        while True:
+            page = self.list_grants(
+                key_id,
+                grant_id=grant_id,
+                grantee_principal=grantee_principal,
+                limit=limit,
+                marker=marker,
+                min_commit_index=min_commit_index,
+            )
+            yield from page.grants
+            if not (page.truncated and page.next_marker):
+                return
+            marker = page.next_marker
+
+    def list_retirable_grants(
+        self,
+        retiring_principal: str,
+        *,
+        limit: int = 0,
+        marker: str = "",
+        min_commit_index: int = 0,
+    ) -> pb.ListRetirableGrantsResponse:
+        """ListRetirableGrants: one page of the grants `retiring_principal` may retire."""
+        request = pb.ListRetirableGrantsRequest(
+            retiring_principal=retiring_principal,
+            limit=limit,
+            marker=marker,
+            min_commit_index=min_commit_index,
+        )
+        return self._call(lambda s: s.ListRetirableGrants, request)
+
+    def retire_grant(
+        self,
+        *,
+        grant_token: str = "",
+        key_id: str = "",
+        grant_id: str = "",
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> pb.RetireGrantResponse:
+        """RetireGrant: deletes a grant named by `grant_token`, or by `key_id` and `grant_id`."""
+        request = pb.RetireGrantRequest(
+            grant_token=grant_token,
+            key_id=key_id,
+            grant_id=grant_id,
+            dry_run=dry_run,
+            request_id=self._request_id(request_id),
+        )
+        return self._call(lambda s: s.RetireGrant, request, retryable=bool(request.request_id))
+
+    def revoke_grant(
+        self,
+        key_id: str,
+        grant_id: str,
+        *,
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> pb.RevokeGrantResponse:
+        """RevokeGrant: deletes a grant (needs kms:RevokeGrant on the key)."""
+        request = pb.RevokeGrantRequest(
+            key_id=key_id,
+            grant_id=grant_id,
+            dry_run=dry_run,
+            request_id=self._request_id(request_id),
+        )
+        return self._call(lambda s: s.RevokeGrant, request, retryable=bool(request.request_id))
 
     # ------------------------------------------------------------------ envelope
 

@@ -13,19 +13,23 @@ from kms.v1 import cluster_service_pb2 as pb
 from kms.v1 import cluster_service_pb2_grpc as pb_grpc
 
 from kms_client.errors import KmsClientError, from_rpc_error
+from kms_client.tls import TlsFiles, channel_credentials
 
 _Resp = TypeVar("_Resp")
 
 
 class ClusterClient:
-    """Talks to the ClusterService of the given nodes."""
+    """Talks to the ClusterService of the given nodes. Transport security as KmsClient:
+    one of `tls`, `credentials` and `plaintext=True`."""
 
     def __init__(
         self,
         endpoints: Sequence[str],
         *,
         timeout: float = 10.0,
+        tls: TlsFiles | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        plaintext: bool = False,
         attempts: int = 12,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -33,7 +37,7 @@ class ClusterClient:
             raise ValueError("at least one endpoint is needed")
         self._endpoints = list(dict.fromkeys(endpoints))
         self._timeout = timeout
-        self._credentials = credentials
+        self._credentials = channel_credentials(tls, credentials, plaintext)
         self._channels: dict[str, grpc.Channel] = {}
         self._attempts = max(1, attempts)
         self._sleep = sleep

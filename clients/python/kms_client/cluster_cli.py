@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
 from google.protobuf import json_format
 from kms.v1 import cluster_service_pb2 as pb
 
@@ -84,9 +85,18 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     )
 
 
-def run(args: argparse.Namespace, endpoints: list[str], timeout: float) -> int:
+def run(
+    args: argparse.Namespace,
+    endpoints: list[str],
+    timeout: float,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    plaintext: bool = False,
+) -> int:
     """Runs one `kmsctl cluster` action; returns the exit status."""
-    with ClusterClient(endpoints, timeout=timeout) as client:
+    with ClusterClient(
+        endpoints, timeout=timeout, credentials=credentials, plaintext=plaintext
+    ) as client:
         try:
             if args.cluster_command == "status":
                 results = client.status()

@@ -14,10 +14,11 @@ The tree mirrors the server's (`kmsd/errors.py`):
     ├── NotFoundException, AlreadyExistsException
     ├── ValidationException
     │   ├── InvalidAliasNameException, InvalidArnException
-    │   └── InvalidMarkerException, TagException
+    │   ├── InvalidMarkerException, TagException
+    │   ├── MalformedPolicyDocumentException
+    │   └── InvalidGrantTokenException, InvalidGrantIdException
     ├── InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException
-    ├── UnsupportedOperationException, InvalidGrantTokenException
-    ├── MalformedPolicyDocumentException
+    ├── UnsupportedOperationException
     ├── DisabledException, KMSInvalidStateException, DryRunOperationException
     ├── ConflictException, LimitExceededException, AccessDeniedException
     ├── KMSInternalException
@@ -139,12 +140,16 @@ class UnsupportedOperationException(KmsClientError):
     """The operation or option is not supported by kmsd (yet) or for this key."""
 
 
-class InvalidGrantTokenException(KmsClientError):
+class InvalidGrantTokenException(ValidationException):
     """A grant token is malformed or not valid."""
 
 
-class MalformedPolicyDocumentException(KmsClientError):
-    """A key policy document is not valid."""
+class InvalidGrantIdException(ValidationException):
+    """A grant id is malformed."""
+
+
+class MalformedPolicyDocumentException(ValidationException):
+    """A key policy document is not valid; the message names the statement and element."""
 
 
 class DisabledException(KmsClientError):
@@ -273,6 +278,7 @@ __all__ = [
     "InvalidAliasNameException",
     "InvalidArnException",
     "InvalidCiphertextException",
+    "InvalidGrantIdException",
     "InvalidGrantTokenException",
     "InvalidKeyUsageException",
     "InvalidMarkerException",

@@ -126,11 +126,14 @@ class CreateKeyRequest(_message.Message):
     XKS_KEY_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
-    """The key policy, a JSON document of 1-131072 characters (tab, line feed,
-    carriage return and U+0020-U+00FF only). Empty means the default key
-    policy. An invalid policy gives MalformedPolicyDocumentException. A
-    server without key-policy support refuses a non-empty policy with
-    UnsupportedOperationException rather than ignore it.
+    """The key policy, a JSON document of at most 32768 bytes (tab, line feed,
+    carriage return and U+0020-U+00FF only) in the AWS policy language
+    (docs/security.md). Empty means the default key policy: the account's
+    root (kmsd's configured administrators) and the creating principal may do
+    everything with the key. An invalid policy, or one that would not let the
+    caller call PutKeyPolicy later (unless
+    bypass_policy_lockout_safety_check is set), gives
+    MalformedPolicyDocumentException naming what is wrong.
     """
     description: _builtins.str
     """A description of the key, 0-8192 characters. Not secret: it appears in
@@ -174,7 +177,8 @@ class CreateKeyRequest(_message.Message):
     """
     bypass_policy_lockout_safety_check: _builtins.bool
     """Skips the check that the key policy lets the caller call PutKeyPolicy
-    later. Default false. Setting it risks a key nobody can manage.
+    later (the policy lockout safety check). Default false. Setting it risks
+    a key nobody but the administrators can manage.
     """
     multi_region: _builtins.bool
     """Whether to create a multi-Region primary key. kmsd does not support
@@ -2267,6 +2271,631 @@ class ListResourceTagsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListResourceTagsResponse: _TypeAlias = ListResourceTagsResponse  # noqa: Y015
+
+@_typing.final
+class PutKeyPolicyRequest(_message.Message):
+    """The request of PutKeyPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    BYPASS_POLICY_LOCKOUT_SAFETY_CHECK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key: a key id or key ARN, 1-2048 characters. Required."""
+    policy_name: _builtins.str
+    """The name of the key policy: empty or "default", the only name AWS and
+    kmsd support; anything else gives ValidationException.
+    """
+    policy: _builtins.str
+    """The new key policy, a JSON document of at most 32768 bytes (tab, line
+    feed, carriage return and U+0020-U+00FF only) in the AWS policy language
+    (docs/security.md). Required. Not secret: GetKeyPolicy returns it and the
+    audit log records its SHA-256.
+    """
+    bypass_policy_lockout_safety_check: _builtins.bool
+    """Skips the check that the new policy still lets the caller call
+    PutKeyPolicy (the policy lockout safety check). Default false. Setting it
+    risks a key nobody but the administrators can manage.
+    """
+    request_id: _builtins.str
+    """Idempotency key chosen by the client, such as a random UUID, at most 128
+    characters; empty means no deduplication. A retry with the same
+    request_id returns the first response and changes nothing again.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        policy_name: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        bypass_policy_lockout_safety_check: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bypass_policy_lockout_safety_check", b"bypass_policy_lockout_safety_check", "key_id", b"key_id", "policy", b"policy", "policy_name", b"policy_name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutKeyPolicyRequest: _TypeAlias = PutKeyPolicyRequest  # noqa: Y015
+
+@_typing.final
+class PutKeyPolicyResponse(_message.Message):
+    """The response of PutKeyPolicy. AWS returns no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    commit_index: _builtins.int
+    """The replicated-log index at which the new policy was committed; pass it
+    as min_commit_index to read this write on any node.
+    """
+    def __init__(
+        self,
+        *,
+        commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutKeyPolicyResponse: _TypeAlias = PutKeyPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetKeyPolicyRequest(_message.Message):
+    """The request of GetKeyPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    MIN_COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key: a key id or key ARN, 1-2048 characters. Required."""
+    policy_name: _builtins.str
+    """The name of the key policy: empty or "default" (the only one)."""
+    min_commit_index: _builtins.int
+    """Read-your-writes: the node answers only after it has applied the
+    replicated log at least up to this index. 0 means no constraint.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        policy_name: _builtins.str = ...,
+        min_commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "min_commit_index", b"min_commit_index", "policy_name", b"policy_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyPolicyRequest: _TypeAlias = GetKeyPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetKeyPolicyResponse(_message.Message):
+    """The response of GetKeyPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    """The key policy, as PutKeyPolicy or CreateKey stored it (or the default
+    key policy).
+    """
+    policy_name: _builtins.str
+    """The policy's name: "default"."""
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        policy_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "policy_name", b"policy_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKeyPolicyResponse: _TypeAlias = GetKeyPolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListKeyPoliciesRequest(_message.Message):
+    """The request of ListKeyPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MARKER_FIELD_NUMBER: _builtins.int
+    MIN_COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key: a key id or key ARN, 1-2048 characters. Required."""
+    limit: _builtins.int
+    """The largest number of names to return, 1-1000; 0 (not given) means 100."""
+    marker: _builtins.str
+    """The next_marker of the previous page, to get the next page; empty for the
+    first page. One that this service did not issue for this listing gives
+    InvalidMarkerException.
+    """
+    min_commit_index: _builtins.int
+    """Read-your-writes: the node answers only after it has applied the
+    replicated log at least up to this index. 0 means no constraint.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        marker: _builtins.str = ...,
+        min_commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "limit", b"limit", "marker", b"marker", "min_commit_index", b"min_commit_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeyPoliciesRequest: _TypeAlias = ListKeyPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class ListKeyPoliciesResponse(_message.Message):
+    """The response of ListKeyPolicies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_NAMES_FIELD_NUMBER: _builtins.int
+    NEXT_MARKER_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    next_marker: _builtins.str
+    """When truncated is true, the marker to pass to get the next page; empty
+    otherwise.
+    """
+    truncated: _builtins.bool
+    """Whether more names follow this page."""
+    @_builtins.property
+    def policy_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The policy names of this page: ["default"]."""
+
+    def __init__(
+        self,
+        *,
+        policy_names: _abc.Iterable[_builtins.str] | None = ...,
+        next_marker: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_marker", b"next_marker", "policy_names", b"policy_names", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeyPoliciesResponse: _TypeAlias = ListKeyPoliciesResponse  # noqa: Y015
+
+@_typing.final
+class CreateGrantRequest(_message.Message):
+    """The request of CreateGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    GRANT_TOKENS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key the grant is for: a key id or key ARN, 1-2048 characters.
+    Required.
+    """
+    grantee_principal: _builtins.str
+    """The principal the grant gives permissions to, as mutual TLS names callers
+    (a client certificate's URI SAN such as "spiffe://example.org/app", else
+    its CN), 1-256 characters. Required.
+    """
+    retiring_principal: _builtins.str
+    """The principal that may retire the grant, 1-256 characters; empty for
+    none (administrators can always retire it).
+    """
+    name: _builtins.str
+    """A friendly name, 1-256 characters of [a-zA-Z0-9:/_-]; empty for none.
+    A CreateGrant with the name and parameters of an existing grant returns
+    that grant's id instead of creating another (AWS).
+    """
+    dry_run: _builtins.bool
+    """When true, kmsd checks the request and the caller's permission without
+    creating the grant, and returns DryRunOperationException if the call
+    would have succeeded (or the error it would have returned).
+    """
+    request_id: _builtins.str
+    """Idempotency key chosen by the client, such as a random UUID, at most 128
+    characters; empty means no deduplication. A retry with the same
+    request_id returns the first response and creates nothing again.
+    """
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.GrantOperation.ValueType]:
+        """The operations the grant allows: 1-17 distinct values, each valid for a
+        symmetric encryption key. Required.
+        """
+
+    @_builtins.property
+    def constraints(self) -> _resources_pb2.GrantConstraints:
+        """Encryption-context constraints; unset for none. They may be set only
+        when every operation but DESCRIBE_KEY, CREATE_GRANT and RETIRE_GRANT
+        takes an encryption context (always so for symmetric keys).
+        """
+
+    @_builtins.property
+    def grant_tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Grant tokens for grants that give the caller permission to create this
+        grant: at most 10, each 1-8192 characters. A malformed token gives
+        InvalidGrantTokenException.
+        """
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grantee_principal: _builtins.str = ...,
+        retiring_principal: _builtins.str = ...,
+        operations: _abc.Iterable[_resources_pb2.GrantOperation.ValueType] | None = ...,
+        constraints: _resources_pb2.GrantConstraints | None = ...,
+        grant_tokens: _abc.Iterable[_builtins.str] | None = ...,
+        name: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "dry_run", b"dry_run", "grant_tokens", b"grant_tokens", "grantee_principal", b"grantee_principal", "key_id", b"key_id", "name", b"name", "operations", b"operations", "request_id", b"request_id", "retiring_principal", b"retiring_principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGrantRequest: _TypeAlias = CreateGrantRequest  # noqa: Y015
+
+@_typing.final
+class CreateGrantResponse(_message.Message):
+    """The response of CreateGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_TOKEN_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    grant_token: _builtins.str
+    """A token that makes the grant usable at once: pass it in grant_tokens of
+    the grantee's requests to any node, which then waits until it has applied
+    the grant. Opaque; it carries the grant id and a log index, gives no
+    permission by itself and is not secret.
+    """
+    grant_id: _builtins.str
+    """The grant id: 64 lowercase hex digits."""
+    commit_index: _builtins.int
+    """The replicated-log index at which the grant was committed."""
+    def __init__(
+        self,
+        *,
+        grant_token: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index", "grant_id", b"grant_id", "grant_token", b"grant_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGrantResponse: _TypeAlias = CreateGrantResponse  # noqa: Y015
+
+@_typing.final
+class ListGrantsRequest(_message.Message):
+    """The request of ListGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MARKER_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    MIN_COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """The largest number of grants to return, 1-100; 0 (not given) means 50."""
+    marker: _builtins.str
+    """The next_marker of the previous page, to get the next page; empty for the
+    first page. One that this service did not issue for this listing gives
+    InvalidMarkerException.
+    """
+    key_id: _builtins.str
+    """The key whose grants to list: a key id or key ARN, 1-2048 characters.
+    Required.
+    """
+    grant_id: _builtins.str
+    """Optional: list only the grant with this id (1-128 characters)."""
+    grantee_principal: _builtins.str
+    """Optional: list only the grants of this grantee principal (1-256
+    characters).
+    """
+    min_commit_index: _builtins.int
+    """Read-your-writes: the node answers only after it has applied the
+    replicated log at least up to this index. 0 means no constraint.
+    """
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        marker: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        grantee_principal: _builtins.str = ...,
+        min_commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "grantee_principal", b"grantee_principal", "key_id", b"key_id", "limit", b"limit", "marker", b"marker", "min_commit_index", b"min_commit_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListGrantsResponse(_message.Message):
+    """The response of ListGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    NEXT_MARKER_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    next_marker: _builtins.str
+    """When truncated is true, the marker to pass to get the next page; empty
+    otherwise.
+    """
+    truncated: _builtins.bool
+    """Whether more grants follow this page."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.GrantListEntry]:
+        """The grants of this page, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[_resources_pb2.GrantListEntry] | None = ...,
+        next_marker: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "next_marker", b"next_marker", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015
+
+@_typing.final
+class ListRetirableGrantsRequest(_message.Message):
+    """The request of ListRetirableGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MARKER_FIELD_NUMBER: _builtins.int
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    MIN_COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """The largest number of grants to return, 1-100; 0 (not given) means 50."""
+    marker: _builtins.str
+    """The next_marker of the previous page, to get the next page; empty for the
+    first page. One that this service did not issue for this listing gives
+    InvalidMarkerException.
+    """
+    retiring_principal: _builtins.str
+    """The retiring principal whose retirable grants to list, 1-256 characters.
+    Required. Callers other than administrators may name only themselves.
+    """
+    min_commit_index: _builtins.int
+    """Read-your-writes: the node answers only after it has applied the
+    replicated log at least up to this index. 0 means no constraint.
+    """
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        marker: _builtins.str = ...,
+        retiring_principal: _builtins.str = ...,
+        min_commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "marker", b"marker", "min_commit_index", b"min_commit_index", "retiring_principal", b"retiring_principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetirableGrantsRequest: _TypeAlias = ListRetirableGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListRetirableGrantsResponse(_message.Message):
+    """The response of ListRetirableGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    NEXT_MARKER_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    next_marker: _builtins.str
+    """When truncated is true, the marker to pass to get the next page; empty
+    otherwise.
+    """
+    truncated: _builtins.bool
+    """Whether more grants follow this page."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.GrantListEntry]:
+        """The grants of this page, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[_resources_pb2.GrantListEntry] | None = ...,
+        next_marker: _builtins.str = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "next_marker", b"next_marker", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRetirableGrantsResponse: _TypeAlias = ListRetirableGrantsResponse  # noqa: Y015
+
+@_typing.final
+class RetireGrantRequest(_message.Message):
+    """The request of RetireGrant. Give grant_token, or key_id and grant_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_TOKEN_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    grant_token: _builtins.str
+    """The grant token CreateGrant returned, 1-8192 characters. A malformed
+    token gives InvalidGrantTokenException.
+    """
+    key_id: _builtins.str
+    """The key of the grant: a key id or key ARN, 1-2048 characters; required
+    with grant_id.
+    """
+    grant_id: _builtins.str
+    """The grant id, 1-128 characters; required with key_id."""
+    dry_run: _builtins.bool
+    """When true, kmsd checks the request and the caller's permission without
+    retiring the grant, and returns DryRunOperationException if the call
+    would have succeeded (or the error it would have returned).
+    """
+    request_id: _builtins.str
+    """Idempotency key chosen by the client, such as a random UUID, at most 128
+    characters; empty means no deduplication. A retry with the same
+    request_id returns the first response and changes nothing again.
+    """
+    def __init__(
+        self,
+        *,
+        grant_token: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "grant_id", b"grant_id", "grant_token", b"grant_token", "key_id", b"key_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireGrantRequest: _TypeAlias = RetireGrantRequest  # noqa: Y015
+
+@_typing.final
+class RetireGrantResponse(_message.Message):
+    """The response of RetireGrant. AWS returns no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    commit_index: _builtins.int
+    """The replicated-log index at which the grant was deleted; pass it as
+    min_commit_index to be sure a node no longer honours the grant.
+    """
+    key_id: _builtins.str
+    """kmsd addition: the key ARN of the retired grant's key."""
+    def __init__(
+        self,
+        *,
+        commit_index: _builtins.int = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireGrantResponse: _TypeAlias = RetireGrantResponse  # noqa: Y015
+
+@_typing.final
+class RevokeGrantRequest(_message.Message):
+    """The request of RevokeGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key of the grant: a key id or key ARN, 1-2048 characters. Required."""
+    grant_id: _builtins.str
+    """The grant id, 1-128 characters. Required."""
+    dry_run: _builtins.bool
+    """When true, kmsd checks the request and the caller's permission without
+    revoking the grant, and returns DryRunOperationException if the call
+    would have succeeded (or the error it would have returned).
+    """
+    request_id: _builtins.str
+    """Idempotency key chosen by the client, such as a random UUID, at most 128
+    characters; empty means no deduplication. A retry with the same
+    request_id returns the first response and changes nothing again.
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "grant_id", b"grant_id", "key_id", b"key_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeGrantRequest: _TypeAlias = RevokeGrantRequest  # noqa: Y015
+
+@_typing.final
+class RevokeGrantResponse(_message.Message):
+    """The response of RevokeGrant. AWS returns no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    commit_index: _builtins.int
+    """The replicated-log index at which the grant was deleted; pass it as
+    min_commit_index to be sure a node no longer honours the grant.
+    """
+    def __init__(
+        self,
+        *,
+        commit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_index", b"commit_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeGrantResponse: _TypeAlias = RevokeGrantResponse  # noqa: Y015
 
 @_typing.final
 class RecipientInfo(_message.Message):

@@ -46,20 +46,32 @@ class KeyManagementServiceStub:
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -204,6 +216,46 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__service__pb2.ListResourceTagsRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__service__pb2.ListResourceTagsResponse.FromString,
                 _registered_method=True)
+        self.PutKeyPolicy = channel.unary_unary(
+                '/kms.v1.KeyManagementService/PutKeyPolicy',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetKeyPolicy = channel.unary_unary(
+                '/kms.v1.KeyManagementService/GetKeyPolicy',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListKeyPolicies = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ListKeyPolicies',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesResponse.FromString,
+                _registered_method=True)
+        self.CreateGrant = channel.unary_unary(
+                '/kms.v1.KeyManagementService/CreateGrant',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.CreateGrantRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.CreateGrantResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ListGrants',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
+        self.ListRetirableGrants = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ListRetirableGrants',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsResponse.FromString,
+                _registered_method=True)
+        self.RetireGrant = channel.unary_unary(
+                '/kms.v1.KeyManagementService/RetireGrant',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.RetireGrantRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.RetireGrantResponse.FromString,
+                _registered_method=True)
+        self.RevokeGrant = channel.unary_unary(
+                '/kms.v1.KeyManagementService/RevokeGrant',
+                request_serializer=kms_dot_v1_dot_kms__service__pb2.RevokeGrantRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__service__pb2.RevokeGrantResponse.FromString,
+                _registered_method=True)
 
 
 class KeyManagementServiceServicer:
@@ -227,20 +279,32 @@ class KeyManagementServiceServicer:
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -536,6 +600,93 @@ class KeyManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutKeyPolicy(self, request, context):
+        """Replaces the key policy of a KMS key (AWS PutKeyPolicy). The policy is a
+        JSON document in the AWS policy language (docs/security.md lists what kmsd
+        evaluates); an invalid one, or one that would stop the caller from calling
+        PutKeyPolicy again (unless bypass_policy_lockout_safety_check is set),
+        gives MalformedPolicyDocumentException naming what is wrong. key_id
+        accepts a key id or key ARN. Errors: NotFoundException,
+        InvalidArnException, MalformedPolicyDocumentException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeyPolicy(self, request, context):
+        """Returns the key policy of a KMS key (AWS GetKeyPolicy). key_id accepts a
+        key id or key ARN. Errors: NotFoundException, InvalidArnException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKeyPolicies(self, request, context):
+        """Lists the names of the key policies of a KMS key: always the one name
+        "default", as in AWS (AWS ListKeyPolicies). key_id accepts a key id or key
+        ARN. Errors: NotFoundException, InvalidArnException,
+        InvalidMarkerException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateGrant(self, request, context):
+        """Gives a principal permission to use a KMS key for some operations,
+        optionally only with a given encryption context (AWS CreateGrant). The
+        response's grant_token makes the grant usable at once on any node: pass it
+        in grant_tokens. Grants can be created on disabled keys. key_id accepts a
+        key id or key ARN. Errors: NotFoundException, InvalidArnException,
+        KMSInvalidStateException (the key is pending deletion),
+        LimitExceededException, InvalidGrantTokenException,
+        DryRunOperationException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """Lists the grants of a KMS key in pages, optionally only one grant or the
+        grants of one grantee (AWS ListGrants). key_id accepts a key id or key ARN.
+        Errors: NotFoundException, InvalidArnException, InvalidMarkerException,
+        InvalidGrantIdException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetirableGrants(self, request, context):
+        """Lists, in pages, the grants of every key that a principal may retire (AWS
+        ListRetirableGrants). Administrators may list anyone's; other callers only
+        their own. Errors: InvalidMarkerException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireGrant(self, request, context):
+        """Deletes a grant; meant for its retiring principal or grantee when done
+        with it (AWS RetireGrant). Name the grant by its grant_token, or by key_id
+        and grant_id. Allowed to the grant's retiring principal, to its grantee if
+        the grant includes GRANT_OPERATION_RETIRE_GRANT, and to administrators.
+        Errors: NotFoundException, InvalidArnException,
+        InvalidGrantTokenException, InvalidGrantIdException,
+        DryRunOperationException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGrant(self, request, context):
+        """Deletes a grant; meant for key administrators taking a permission away
+        (AWS RevokeGrant). Needs kms:RevokeGrant on the key. key_id accepts a key
+        id or key ARN. Errors: NotFoundException, InvalidArnException,
+        InvalidGrantIdException, DryRunOperationException.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyManagementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -669,6 +820,46 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     request_deserializer=kms_dot_v1_dot_kms__service__pb2.ListResourceTagsRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__service__pb2.ListResourceTagsResponse.SerializeToString,
             ),
+            'PutKeyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutKeyPolicy,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyResponse.SerializeToString,
+            ),
+            'GetKeyPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeyPolicy,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyResponse.SerializeToString,
+            ),
+            'ListKeyPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeyPolicies,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesResponse.SerializeToString,
+            ),
+            'CreateGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGrant,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.CreateGrantRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.CreateGrantResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.ListGrantsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'ListRetirableGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetirableGrants,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsResponse.SerializeToString,
+            ),
+            'RetireGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireGrant,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.RetireGrantRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.RetireGrantResponse.SerializeToString,
+            ),
+            'RevokeGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGrant,
+                    request_deserializer=kms_dot_v1_dot_kms__service__pb2.RevokeGrantRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__service__pb2.RevokeGrantResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kms.v1.KeyManagementService', rpc_method_handlers)
@@ -698,20 +889,32 @@ class KeyManagementService:
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -1412,6 +1615,222 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/ListResourceTags',
             kms_dot_v1_dot_kms__service__pb2.ListResourceTagsRequest.SerializeToString,
             kms_dot_v1_dot_kms__service__pb2.ListResourceTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutKeyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/PutKeyPolicy',
+            kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.PutKeyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeyPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/GetKeyPolicy',
+            kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.GetKeyPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeyPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ListKeyPolicies',
+            kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.ListKeyPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/CreateGrant',
+            kms_dot_v1_dot_kms__service__pb2.CreateGrantRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.CreateGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ListGrants',
+            kms_dot_v1_dot_kms__service__pb2.ListGrantsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetirableGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ListRetirableGrants',
+            kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.ListRetirableGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/RetireGrant',
+            kms_dot_v1_dot_kms__service__pb2.RetireGrantRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.RetireGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/RevokeGrant',
+            kms_dot_v1_dot_kms__service__pb2.RevokeGrantRequest.SerializeToString,
+            kms_dot_v1_dot_kms__service__pb2.RevokeGrantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,20 +54,32 @@ class KeyManagementServiceStub:
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -263,6 +275,61 @@ class KeyManagementServiceStub:
     ListResourceTags). key_id accepts a key id or key ARN. Errors:
     NotFoundException, InvalidArnException, InvalidMarkerException.
     """
+    PutKeyPolicy: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.PutKeyPolicyRequest, _kms_service_pb2.PutKeyPolicyResponse]
+    """Replaces the key policy of a KMS key (AWS PutKeyPolicy). The policy is a
+    JSON document in the AWS policy language (docs/security.md lists what kmsd
+    evaluates); an invalid one, or one that would stop the caller from calling
+    PutKeyPolicy again (unless bypass_policy_lockout_safety_check is set),
+    gives MalformedPolicyDocumentException naming what is wrong. key_id
+    accepts a key id or key ARN. Errors: NotFoundException,
+    InvalidArnException, MalformedPolicyDocumentException.
+    """
+    GetKeyPolicy: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.GetKeyPolicyRequest, _kms_service_pb2.GetKeyPolicyResponse]
+    """Returns the key policy of a KMS key (AWS GetKeyPolicy). key_id accepts a
+    key id or key ARN. Errors: NotFoundException, InvalidArnException.
+    """
+    ListKeyPolicies: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.ListKeyPoliciesRequest, _kms_service_pb2.ListKeyPoliciesResponse]
+    """Lists the names of the key policies of a KMS key: always the one name
+    "default", as in AWS (AWS ListKeyPolicies). key_id accepts a key id or key
+    ARN. Errors: NotFoundException, InvalidArnException,
+    InvalidMarkerException.
+    """
+    CreateGrant: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.CreateGrantRequest, _kms_service_pb2.CreateGrantResponse]
+    """Gives a principal permission to use a KMS key for some operations,
+    optionally only with a given encryption context (AWS CreateGrant). The
+    response's grant_token makes the grant usable at once on any node: pass it
+    in grant_tokens. Grants can be created on disabled keys. key_id accepts a
+    key id or key ARN. Errors: NotFoundException, InvalidArnException,
+    KMSInvalidStateException (the key is pending deletion),
+    LimitExceededException, InvalidGrantTokenException,
+    DryRunOperationException.
+    """
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.ListGrantsRequest, _kms_service_pb2.ListGrantsResponse]
+    """Lists the grants of a KMS key in pages, optionally only one grant or the
+    grants of one grantee (AWS ListGrants). key_id accepts a key id or key ARN.
+    Errors: NotFoundException, InvalidArnException, InvalidMarkerException,
+    InvalidGrantIdException.
+    """
+    ListRetirableGrants: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.ListRetirableGrantsRequest, _kms_service_pb2.ListRetirableGrantsResponse]
+    """Lists, in pages, the grants of every key that a principal may retire (AWS
+    ListRetirableGrants). Administrators may list anyone's; other callers only
+    their own. Errors: InvalidMarkerException.
+    """
+    RetireGrant: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.RetireGrantRequest, _kms_service_pb2.RetireGrantResponse]
+    """Deletes a grant; meant for its retiring principal or grantee when done
+    with it (AWS RetireGrant). Name the grant by its grant_token, or by key_id
+    and grant_id. Allowed to the grant's retiring principal, to its grantee if
+    the grant includes GRANT_OPERATION_RETIRE_GRANT, and to administrators.
+    Errors: NotFoundException, InvalidArnException,
+    InvalidGrantTokenException, InvalidGrantIdException,
+    DryRunOperationException.
+    """
+    RevokeGrant: _grpc.UnaryUnaryMultiCallable[_kms_service_pb2.RevokeGrantRequest, _kms_service_pb2.RevokeGrantResponse]
+    """Deletes a grant; meant for key administrators taking a permission away
+    (AWS RevokeGrant). Needs kms:RevokeGrant on the key. key_id accepts a key
+    id or key ARN. Errors: NotFoundException, InvalidArnException,
+    InvalidGrantIdException, DryRunOperationException.
+    """
 
 @_typing.type_check_only
 class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
@@ -286,20 +353,32 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -492,6 +571,61 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     ListResourceTags). key_id accepts a key id or key ARN. Errors:
     NotFoundException, InvalidArnException, InvalidMarkerException.
     """
+    PutKeyPolicy: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.PutKeyPolicyRequest, _kms_service_pb2.PutKeyPolicyResponse]  # type: ignore[assignment]
+    """Replaces the key policy of a KMS key (AWS PutKeyPolicy). The policy is a
+    JSON document in the AWS policy language (docs/security.md lists what kmsd
+    evaluates); an invalid one, or one that would stop the caller from calling
+    PutKeyPolicy again (unless bypass_policy_lockout_safety_check is set),
+    gives MalformedPolicyDocumentException naming what is wrong. key_id
+    accepts a key id or key ARN. Errors: NotFoundException,
+    InvalidArnException, MalformedPolicyDocumentException.
+    """
+    GetKeyPolicy: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.GetKeyPolicyRequest, _kms_service_pb2.GetKeyPolicyResponse]  # type: ignore[assignment]
+    """Returns the key policy of a KMS key (AWS GetKeyPolicy). key_id accepts a
+    key id or key ARN. Errors: NotFoundException, InvalidArnException.
+    """
+    ListKeyPolicies: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.ListKeyPoliciesRequest, _kms_service_pb2.ListKeyPoliciesResponse]  # type: ignore[assignment]
+    """Lists the names of the key policies of a KMS key: always the one name
+    "default", as in AWS (AWS ListKeyPolicies). key_id accepts a key id or key
+    ARN. Errors: NotFoundException, InvalidArnException,
+    InvalidMarkerException.
+    """
+    CreateGrant: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.CreateGrantRequest, _kms_service_pb2.CreateGrantResponse]  # type: ignore[assignment]
+    """Gives a principal permission to use a KMS key for some operations,
+    optionally only with a given encryption context (AWS CreateGrant). The
+    response's grant_token makes the grant usable at once on any node: pass it
+    in grant_tokens. Grants can be created on disabled keys. key_id accepts a
+    key id or key ARN. Errors: NotFoundException, InvalidArnException,
+    KMSInvalidStateException (the key is pending deletion),
+    LimitExceededException, InvalidGrantTokenException,
+    DryRunOperationException.
+    """
+    ListGrants: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.ListGrantsRequest, _kms_service_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """Lists the grants of a KMS key in pages, optionally only one grant or the
+    grants of one grantee (AWS ListGrants). key_id accepts a key id or key ARN.
+    Errors: NotFoundException, InvalidArnException, InvalidMarkerException,
+    InvalidGrantIdException.
+    """
+    ListRetirableGrants: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.ListRetirableGrantsRequest, _kms_service_pb2.ListRetirableGrantsResponse]  # type: ignore[assignment]
+    """Lists, in pages, the grants of every key that a principal may retire (AWS
+    ListRetirableGrants). Administrators may list anyone's; other callers only
+    their own. Errors: InvalidMarkerException.
+    """
+    RetireGrant: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.RetireGrantRequest, _kms_service_pb2.RetireGrantResponse]  # type: ignore[assignment]
+    """Deletes a grant; meant for its retiring principal or grantee when done
+    with it (AWS RetireGrant). Name the grant by its grant_token, or by key_id
+    and grant_id. Allowed to the grant's retiring principal, to its grantee if
+    the grant includes GRANT_OPERATION_RETIRE_GRANT, and to administrators.
+    Errors: NotFoundException, InvalidArnException,
+    InvalidGrantTokenException, InvalidGrantIdException,
+    DryRunOperationException.
+    """
+    RevokeGrant: _aio.UnaryUnaryMultiCallable[_kms_service_pb2.RevokeGrantRequest, _kms_service_pb2.RevokeGrantResponse]  # type: ignore[assignment]
+    """Deletes a grant; meant for key administrators taking a permission away
+    (AWS RevokeGrant). Needs kms:RevokeGrant on the key. key_id accepts a key
+    id or key ARN. Errors: NotFoundException, InvalidArnException,
+    InvalidGrantIdException, DryRunOperationException.
+    """
 
 class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyManagementService manages KMS keys, aliases, rotation and tags, and
@@ -514,20 +648,32 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
     ValidationException (INVALID_ARGUMENT, with google.rpc.BadRequest field
     violations naming the bad field) for input that breaks a documented limit;
     AccessDeniedException (PERMISSION_DENIED), which is checked before the
-    key's existence, so a caller without permission cannot probe for keys; and
+    key's existence, so a caller without permission cannot probe for keys (see
+    "Authorization" below); and
     KMSInternalException, as UNAVAILABLE with google.rpc.RetryInfo when the
     cluster has no quorum or no reachable leader (safe to retry), or as INTERNAL.
     The usual codes are: NotFoundException -> NOT_FOUND; DisabledException,
     KMSInvalidStateException and DryRunOperationException -> FAILED_PRECONDITION;
     InvalidCiphertextException, IncorrectKeyException, InvalidKeyUsageException,
     InvalidArnException, InvalidAliasNameException, InvalidMarkerException,
-    TagException and UnsupportedOperationException -> INVALID_ARGUMENT;
+    TagException, UnsupportedOperationException, MalformedPolicyDocumentException,
+    InvalidGrantTokenException and InvalidGrantIdException -> INVALID_ARGUMENT;
     AlreadyExistsException -> ALREADY_EXISTS; ConflictException -> ABORTED;
     LimitExceededException -> RESOURCE_EXHAUSTED. InvalidCiphertextException
     always carries the same opaque message and never says why decryption failed.
     Request options that AWS has but kmsd does not support yet are refused with
     reason UNSUPPORTED_OPERATION (UnsupportedOperationException) when set; they
     are never silently ignored.
+
+    Authorization (docs/security.md): the caller's principal comes from its
+    TLS client certificate. Each RPC needs the AWS permission of the same name
+    (kms:Encrypt, kms:CreateAlias...; ReEncrypt needs kms:ReEncryptFrom on the
+    source key and kms:ReEncryptTo on the destination key) from the key's
+    policy or from a grant; explicit Deny statements win. The account-level
+    RPCs that name no key (CreateKey, ListKeys, ListAliases, GenerateRandom)
+    are open to the configured key creators. A caller without permission gets
+    AccessDeniedException whether or not the key exists; only administrators
+    see NotFoundException.
 
     Beyond AWS (additive and optional): every mutating request has a request_id
     for idempotent retries, and its response has the commit_index of the change
@@ -873,6 +1019,109 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the tags of a KMS key in any key state, in pages (AWS
         ListResourceTags). key_id accepts a key id or key ARN. Errors:
         NotFoundException, InvalidArnException, InvalidMarkerException.
+        """
+
+    @_abc_1.abstractmethod
+    def PutKeyPolicy(
+        self,
+        request: _kms_service_pb2.PutKeyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.PutKeyPolicyResponse, _abc.Awaitable[_kms_service_pb2.PutKeyPolicyResponse]]:
+        """Replaces the key policy of a KMS key (AWS PutKeyPolicy). The policy is a
+        JSON document in the AWS policy language (docs/security.md lists what kmsd
+        evaluates); an invalid one, or one that would stop the caller from calling
+        PutKeyPolicy again (unless bypass_policy_lockout_safety_check is set),
+        gives MalformedPolicyDocumentException naming what is wrong. key_id
+        accepts a key id or key ARN. Errors: NotFoundException,
+        InvalidArnException, MalformedPolicyDocumentException.
+        """
+
+    @_abc_1.abstractmethod
+    def GetKeyPolicy(
+        self,
+        request: _kms_service_pb2.GetKeyPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.GetKeyPolicyResponse, _abc.Awaitable[_kms_service_pb2.GetKeyPolicyResponse]]:
+        """Returns the key policy of a KMS key (AWS GetKeyPolicy). key_id accepts a
+        key id or key ARN. Errors: NotFoundException, InvalidArnException.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKeyPolicies(
+        self,
+        request: _kms_service_pb2.ListKeyPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.ListKeyPoliciesResponse, _abc.Awaitable[_kms_service_pb2.ListKeyPoliciesResponse]]:
+        """Lists the names of the key policies of a KMS key: always the one name
+        "default", as in AWS (AWS ListKeyPolicies). key_id accepts a key id or key
+        ARN. Errors: NotFoundException, InvalidArnException,
+        InvalidMarkerException.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateGrant(
+        self,
+        request: _kms_service_pb2.CreateGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.CreateGrantResponse, _abc.Awaitable[_kms_service_pb2.CreateGrantResponse]]:
+        """Gives a principal permission to use a KMS key for some operations,
+        optionally only with a given encryption context (AWS CreateGrant). The
+        response's grant_token makes the grant usable at once on any node: pass it
+        in grant_tokens. Grants can be created on disabled keys. key_id accepts a
+        key id or key ARN. Errors: NotFoundException, InvalidArnException,
+        KMSInvalidStateException (the key is pending deletion),
+        LimitExceededException, InvalidGrantTokenException,
+        DryRunOperationException.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _kms_service_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.ListGrantsResponse, _abc.Awaitable[_kms_service_pb2.ListGrantsResponse]]:
+        """Lists the grants of a KMS key in pages, optionally only one grant or the
+        grants of one grantee (AWS ListGrants). key_id accepts a key id or key ARN.
+        Errors: NotFoundException, InvalidArnException, InvalidMarkerException,
+        InvalidGrantIdException.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRetirableGrants(
+        self,
+        request: _kms_service_pb2.ListRetirableGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.ListRetirableGrantsResponse, _abc.Awaitable[_kms_service_pb2.ListRetirableGrantsResponse]]:
+        """Lists, in pages, the grants of every key that a principal may retire (AWS
+        ListRetirableGrants). Administrators may list anyone's; other callers only
+        their own. Errors: InvalidMarkerException.
+        """
+
+    @_abc_1.abstractmethod
+    def RetireGrant(
+        self,
+        request: _kms_service_pb2.RetireGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.RetireGrantResponse, _abc.Awaitable[_kms_service_pb2.RetireGrantResponse]]:
+        """Deletes a grant; meant for its retiring principal or grantee when done
+        with it (AWS RetireGrant). Name the grant by its grant_token, or by key_id
+        and grant_id. Allowed to the grant's retiring principal, to its grantee if
+        the grant includes GRANT_OPERATION_RETIRE_GRANT, and to administrators.
+        Errors: NotFoundException, InvalidArnException,
+        InvalidGrantTokenException, InvalidGrantIdException,
+        DryRunOperationException.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeGrant(
+        self,
+        request: _kms_service_pb2.RevokeGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_service_pb2.RevokeGrantResponse, _abc.Awaitable[_kms_service_pb2.RevokeGrantResponse]]:
+        """Deletes a grant; meant for key administrators taking a permission away
+        (AWS RevokeGrant). Needs kms:RevokeGrant on the key. key_id accepts a key
+        id or key ARN. Errors: NotFoundException, InvalidArnException,
+        InvalidGrantIdException, DryRunOperationException.
         """
 
 def add_KeyManagementServiceServicer_to_server(servicer: KeyManagementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

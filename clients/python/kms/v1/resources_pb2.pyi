@@ -315,6 +315,106 @@ ROTATION_TYPE_ON_DEMAND: RotationType.ValueType  # 2
 """By RotateKeyOnDemand."""
 Global___RotationType: _TypeAlias = RotationType  # noqa: Y015
 
+class _GrantOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GrantOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GrantOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANT_OPERATION_UNSPECIFIED: _GrantOperation.ValueType  # 0
+    """Never valid."""
+    GRANT_OPERATION_DECRYPT: _GrantOperation.ValueType  # 1
+    """AWS "Decrypt"."""
+    GRANT_OPERATION_ENCRYPT: _GrantOperation.ValueType  # 2
+    """AWS "Encrypt"."""
+    GRANT_OPERATION_GENERATE_DATA_KEY: _GrantOperation.ValueType  # 3
+    """AWS "GenerateDataKey"."""
+    GRANT_OPERATION_GENERATE_DATA_KEY_WITHOUT_PLAINTEXT: _GrantOperation.ValueType  # 4
+    """AWS "GenerateDataKeyWithoutPlaintext"."""
+    GRANT_OPERATION_RE_ENCRYPT_FROM: _GrantOperation.ValueType  # 5
+    """AWS "ReEncryptFrom": use the key as the source of ReEncrypt."""
+    GRANT_OPERATION_RE_ENCRYPT_TO: _GrantOperation.ValueType  # 6
+    """AWS "ReEncryptTo": use the key as the destination of ReEncrypt."""
+    GRANT_OPERATION_SIGN: _GrantOperation.ValueType  # 7
+    """AWS "Sign". Not valid for symmetric keys."""
+    GRANT_OPERATION_VERIFY: _GrantOperation.ValueType  # 8
+    """AWS "Verify". Not valid for symmetric keys."""
+    GRANT_OPERATION_GET_PUBLIC_KEY: _GrantOperation.ValueType  # 9
+    """AWS "GetPublicKey". Not valid for symmetric keys."""
+    GRANT_OPERATION_CREATE_GRANT: _GrantOperation.ValueType  # 10
+    """AWS "CreateGrant": the grantee may create grants for the same key with the
+    same or fewer operations and constraints at least as strict.
+    """
+    GRANT_OPERATION_RETIRE_GRANT: _GrantOperation.ValueType  # 11
+    """AWS "RetireGrant": the grantee may retire this grant."""
+    GRANT_OPERATION_DESCRIBE_KEY: _GrantOperation.ValueType  # 12
+    """AWS "DescribeKey"."""
+    GRANT_OPERATION_GENERATE_DATA_KEY_PAIR: _GrantOperation.ValueType  # 13
+    """AWS "GenerateDataKeyPair". kmsd has no GenerateDataKeyPair yet."""
+    GRANT_OPERATION_GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT: _GrantOperation.ValueType  # 14
+    """AWS "GenerateDataKeyPairWithoutPlaintext". kmsd has no
+    GenerateDataKeyPairWithoutPlaintext yet.
+    """
+    GRANT_OPERATION_GENERATE_MAC: _GrantOperation.ValueType  # 15
+    """AWS "GenerateMac". Not valid for symmetric encryption keys."""
+    GRANT_OPERATION_VERIFY_MAC: _GrantOperation.ValueType  # 16
+    """AWS "VerifyMac". Not valid for symmetric encryption keys."""
+    GRANT_OPERATION_DERIVE_SHARED_SECRET: _GrantOperation.ValueType  # 17
+    """AWS "DeriveSharedSecret". Not valid for symmetric encryption keys."""
+
+class GrantOperation(_GrantOperation, metaclass=_GrantOperationEnumTypeWrapper):
+    """An operation a grant allows (AWS GrantOperation). The names are the AWS
+    operation names with the buf prefix: GRANT_OPERATION_RE_ENCRYPT_FROM is AWS
+    "ReEncryptFrom". kmsd keys are symmetric encryption keys, so CreateGrant
+    accepts the operations AWS allows for them: DECRYPT, ENCRYPT,
+    GENERATE_DATA_KEY, GENERATE_DATA_KEY_WITHOUT_PLAINTEXT, RE_ENCRYPT_FROM,
+    RE_ENCRYPT_TO, GENERATE_DATA_KEY_PAIR, GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT,
+    CREATE_GRANT, RETIRE_GRANT and DESCRIBE_KEY; the others are declared for
+    completeness and refused with ValidationException.
+    """
+
+GRANT_OPERATION_UNSPECIFIED: GrantOperation.ValueType  # 0
+"""Never valid."""
+GRANT_OPERATION_DECRYPT: GrantOperation.ValueType  # 1
+"""AWS "Decrypt"."""
+GRANT_OPERATION_ENCRYPT: GrantOperation.ValueType  # 2
+"""AWS "Encrypt"."""
+GRANT_OPERATION_GENERATE_DATA_KEY: GrantOperation.ValueType  # 3
+"""AWS "GenerateDataKey"."""
+GRANT_OPERATION_GENERATE_DATA_KEY_WITHOUT_PLAINTEXT: GrantOperation.ValueType  # 4
+"""AWS "GenerateDataKeyWithoutPlaintext"."""
+GRANT_OPERATION_RE_ENCRYPT_FROM: GrantOperation.ValueType  # 5
+"""AWS "ReEncryptFrom": use the key as the source of ReEncrypt."""
+GRANT_OPERATION_RE_ENCRYPT_TO: GrantOperation.ValueType  # 6
+"""AWS "ReEncryptTo": use the key as the destination of ReEncrypt."""
+GRANT_OPERATION_SIGN: GrantOperation.ValueType  # 7
+"""AWS "Sign". Not valid for symmetric keys."""
+GRANT_OPERATION_VERIFY: GrantOperation.ValueType  # 8
+"""AWS "Verify". Not valid for symmetric keys."""
+GRANT_OPERATION_GET_PUBLIC_KEY: GrantOperation.ValueType  # 9
+"""AWS "GetPublicKey". Not valid for symmetric keys."""
+GRANT_OPERATION_CREATE_GRANT: GrantOperation.ValueType  # 10
+"""AWS "CreateGrant": the grantee may create grants for the same key with the
+same or fewer operations and constraints at least as strict.
+"""
+GRANT_OPERATION_RETIRE_GRANT: GrantOperation.ValueType  # 11
+"""AWS "RetireGrant": the grantee may retire this grant."""
+GRANT_OPERATION_DESCRIBE_KEY: GrantOperation.ValueType  # 12
+"""AWS "DescribeKey"."""
+GRANT_OPERATION_GENERATE_DATA_KEY_PAIR: GrantOperation.ValueType  # 13
+"""AWS "GenerateDataKeyPair". kmsd has no GenerateDataKeyPair yet."""
+GRANT_OPERATION_GENERATE_DATA_KEY_PAIR_WITHOUT_PLAINTEXT: GrantOperation.ValueType  # 14
+"""AWS "GenerateDataKeyPairWithoutPlaintext". kmsd has no
+GenerateDataKeyPairWithoutPlaintext yet.
+"""
+GRANT_OPERATION_GENERATE_MAC: GrantOperation.ValueType  # 15
+"""AWS "GenerateMac". Not valid for symmetric encryption keys."""
+GRANT_OPERATION_VERIFY_MAC: GrantOperation.ValueType  # 16
+"""AWS "VerifyMac". Not valid for symmetric encryption keys."""
+GRANT_OPERATION_DERIVE_SHARED_SECRET: GrantOperation.ValueType  # 17
+"""AWS "DeriveSharedSecret". Not valid for symmetric encryption keys."""
+Global___GrantOperation: _TypeAlias = GrantOperation  # noqa: Y015
+
 @_typing.final
 class KeyMetadata(_message.Message):
     """A key's metadata as DescribeKey and CreateKey return it (AWS KeyMetadata)."""
@@ -532,3 +632,147 @@ class RotationsListEntry(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RotationsListEntry: _TypeAlias = RotationsListEntry  # noqa: Y015
+
+@_typing.final
+class GrantConstraints(_message.Message):
+    """Encryption-context constraints of a grant (AWS GrantConstraints). A grant
+    with constraints allows its cryptographic operations only when the request's
+    encryption context satisfies them; DescribeKey, CreateGrant's own check and
+    RetireGrant ignore them, as in AWS. Keys compare case-insensitively, values
+    case-sensitively (AWS). Each map holds at most 8 pairs; each value is at most
+    384 characters.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EncryptionContextSubsetEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class EncryptionContextEqualsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENCRYPTION_CONTEXT_SUBSET_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_CONTEXT_EQUALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def encryption_context_subset(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The request's encryption context must contain every one of these pairs; it
+        may hold more.
+        """
+
+    @_builtins.property
+    def encryption_context_equals(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The request's encryption context must be exactly these pairs."""
+
+    def __init__(
+        self,
+        *,
+        encryption_context_subset: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        encryption_context_equals: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encryption_context_equals", b"encryption_context_equals", "encryption_context_subset", b"encryption_context_subset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantConstraints: _TypeAlias = GrantConstraints  # noqa: Y015
+
+@_typing.final
+class GrantListEntry(_message.Message):
+    """A grant, as ListGrants and ListRetirableGrants return it (AWS GrantListEntry)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATION_DATE_FIELD_NUMBER: _builtins.int
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    ISSUING_ACCOUNT_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    ISSUING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key id of the key the grant is for."""
+    grant_id: _builtins.str
+    """The grant id: 64 lowercase hex digits."""
+    name: _builtins.str
+    """The grant's name, as CreateGrant was given it; empty if none."""
+    grantee_principal: _builtins.str
+    """The principal the grant gives permissions to."""
+    retiring_principal: _builtins.str
+    """The principal that may retire the grant; empty if none."""
+    issuing_account: _builtins.str
+    """The account the grant was created in: "arn:aws:iam::<account>:root"."""
+    issuing_principal: _builtins.str
+    """kmsd addition: the principal that created the grant (from its TLS
+    certificate).
+    """
+    @_builtins.property
+    def creation_date(self) -> _timestamp_pb2.Timestamp:
+        """When the grant was created."""
+
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedScalarFieldContainer[Global___GrantOperation.ValueType]:
+        """The operations the grant allows."""
+
+    @_builtins.property
+    def constraints(self) -> Global___GrantConstraints:
+        """The grant's encryption-context constraints; unset if none."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        creation_date: _timestamp_pb2.Timestamp | None = ...,
+        grantee_principal: _builtins.str = ...,
+        retiring_principal: _builtins.str = ...,
+        issuing_account: _builtins.str = ...,
+        operations: _abc.Iterable[Global___GrantOperation.ValueType] | None = ...,
+        constraints: Global___GrantConstraints | None = ...,
+        issuing_principal: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "creation_date", b"creation_date"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "creation_date", b"creation_date", "grant_id", b"grant_id", "grantee_principal", b"grantee_principal", "issuing_account", b"issuing_account", "issuing_principal", b"issuing_principal", "key_id", b"key_id", "name", b"name", "operations", b"operations", "retiring_principal", b"retiring_principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantListEntry: _TypeAlias = GrantListEntry  # noqa: Y015

@@ -52,6 +52,10 @@ class Command(_message.Message):
     ROTATE_KEY_FIELD_NUMBER: _builtins.int
     TAG_RESOURCE_FIELD_NUMBER: _builtins.int
     UNTAG_RESOURCE_FIELD_NUMBER: _builtins.int
+    PUT_KEY_POLICY_FIELD_NUMBER: _builtins.int
+    CREATE_GRANT_FIELD_NUMBER: _builtins.int
+    RETIRE_GRANT_FIELD_NUMBER: _builtins.int
+    REVOKE_GRANT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key from the client; empty for none. A command whose request_id
     was applied before returns the first result and changes nothing.
@@ -128,6 +132,22 @@ class Command(_message.Message):
     def untag_resource(self) -> Global___UntagResource:
         """Remove tags."""
 
+    @_builtins.property
+    def put_key_policy(self) -> Global___PutKeyPolicy:
+        """Replace a key's policy."""
+
+    @_builtins.property
+    def create_grant(self) -> Global___CreateGrant:
+        """Create a grant."""
+
+    @_builtins.property
+    def retire_grant(self) -> Global___RetireGrant:
+        """Delete a grant at the request of its retiring principal or grantee."""
+
+    @_builtins.property
+    def revoke_grant(self) -> Global___RevokeGrant:
+        """Delete a grant at the request of a key administrator."""
+
     def __init__(
         self,
         *,
@@ -150,12 +170,16 @@ class Command(_message.Message):
         rotate_key: Global___RotateKey | None = ...,
         tag_resource: Global___TagResource | None = ...,
         untag_resource: Global___UntagResource | None = ...,
+        put_key_policy: Global___PutKeyPolicy | None = ...,
+        create_grant: Global___CreateGrant | None = ...,
+        retire_grant: Global___RetireGrant | None = ...,
+        revoke_grant: Global___RevokeGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "put_key_policy", b"put_key_policy", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "request_digest", b"request_digest", "request_id", b"request_id", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "put_key_policy", b"put_key_policy", "request_digest", b"request_digest", "request_id", b"request_id", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["create_key", "update_key_description", "enable_key", "disable_key", "schedule_key_deletion", "cancel_key_deletion", "delete_key", "create_alias", "update_alias", "delete_alias", "enable_key_rotation", "disable_key_rotation", "rotate_key", "tag_resource", "untag_resource"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["create_key", "update_key_description", "enable_key", "disable_key", "schedule_key_deletion", "cancel_key_deletion", "delete_key", "create_alias", "update_alias", "delete_alias", "enable_key_rotation", "disable_key_rotation", "rotate_key", "tag_resource", "untag_resource", "put_key_policy", "create_grant", "retire_grant", "revoke_grant"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -188,7 +212,9 @@ class CreateKey(_message.Message):
     wrapped_material: _builtins.bytes
     """Material version 1, wrapped by the seal with AAD naming key and version."""
     policy: _builtins.str
-    """The key policy document, stored as given."""
+    """The key policy document, stored as given (the proposer put the default
+    policy here when the request had none).
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Tag]:
         """Initial tags."""
@@ -570,6 +596,140 @@ class UntagResource(_message.Message):
 Global___UntagResource: _TypeAlias = UntagResource  # noqa: Y015
 
 @_typing.final
+class PutKeyPolicy(_message.Message):
+    """Replaces a key's policy. The proposer validated the document (and the
+    caller's right to set it); the store keeps it as given.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key's UUID."""
+    policy: _builtins.str
+    """The key policy document (JSON, at most 32768 bytes)."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        policy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutKeyPolicy: _TypeAlias = PutKeyPolicy  # noqa: Y015
+
+@_typing.final
+class CreateGrant(_message.Message):
+    """Creates a grant on a key. When the key has a grant with the same non-empty
+    name and the same grantee, retiring principal, operations and constraints,
+    nothing is created and that grant's id is the result (AWS idempotency by
+    name).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key's UUID."""
+    grant_id: _builtins.str
+    """The new grant's id (64 lowercase hex digits), chosen by the proposer."""
+    name: _builtins.str
+    """The grant's name; empty for none."""
+    grantee_principal: _builtins.str
+    """The principal the grant gives permissions to."""
+    retiring_principal: _builtins.str
+    """The principal that may retire the grant; empty for none."""
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.GrantOperation.ValueType]:
+        """The operations the grant allows, validated by the proposer."""
+
+    @_builtins.property
+    def constraints(self) -> _resources_pb2.GrantConstraints:
+        """Encryption-context constraints; unset for none."""
+
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        grantee_principal: _builtins.str = ...,
+        retiring_principal: _builtins.str = ...,
+        operations: _abc.Iterable[_resources_pb2.GrantOperation.ValueType] | None = ...,
+        constraints: _resources_pb2.GrantConstraints | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "grant_id", b"grant_id", "grantee_principal", b"grantee_principal", "key_id", b"key_id", "name", b"name", "operations", b"operations", "retiring_principal", b"retiring_principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateGrant: _TypeAlias = CreateGrant  # noqa: Y015
+
+@_typing.final
+class RetireGrant(_message.Message):
+    """Deletes a grant (RetireGrant)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key's UUID."""
+    grant_id: _builtins.str
+    """The grant's id."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireGrant: _TypeAlias = RetireGrant  # noqa: Y015
+
+@_typing.final
+class RevokeGrant(_message.Message):
+    """Deletes a grant (RevokeGrant)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key's UUID."""
+    grant_id: _builtins.str
+    """The grant's id."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grant_id", b"grant_id", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeGrant: _TypeAlias = RevokeGrant  # noqa: Y015
+
+@_typing.final
 class CommandResult(_message.Message):
     """What applying a command produced; stored for idempotent retries."""
 
@@ -577,8 +737,11 @@ class CommandResult(_message.Message):
 
     ERROR_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key the command acted on, when there is one."""
+    grant_id: _builtins.str
+    """The grant CreateGrant created (or found by name), when it did."""
     @_builtins.property
     def error(self) -> Global___CommandError:
         """Set when the command was rejected; the state did not change."""
@@ -588,10 +751,11 @@ class CommandResult(_message.Message):
         *,
         error: Global___CommandError | None = ...,
         key_id: _builtins.str = ...,
+        grant_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "key_id", b"key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "grant_id", b"grant_id", "key_id", b"key_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -710,7 +874,9 @@ class KeyRecord(_message.Message):
     on_demand_rotations: _builtins.int
     """Number of on-demand rotations so far."""
     policy: _builtins.str
-    """Key policy document."""
+    """Key policy document; empty for keys created before key policies were
+    enforced, which then have the default policy of the account's root only.
+    """
     @_builtins.property
     def materials(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyMaterial]:
         """Material versions, oldest first."""
@@ -746,6 +912,70 @@ class KeyRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyRecord: _TypeAlias = KeyRecord  # noqa: Y015
+
+@_typing.final
+class GrantRecord(_message.Message):
+    """A grant as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    GRANTEE_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    RETIRING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    CREATION_MS_FIELD_NUMBER: _builtins.int
+    ISSUING_PRINCIPAL_FIELD_NUMBER: _builtins.int
+    CREATE_INDEX_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    """The grant's id (64 lowercase hex digits)."""
+    key_id: _builtins.str
+    """The UUID of the key the grant is for."""
+    name: _builtins.str
+    """The grant's name; empty for none."""
+    grantee_principal: _builtins.str
+    """The principal the grant gives permissions to."""
+    retiring_principal: _builtins.str
+    """The principal that may retire the grant; empty for none."""
+    creation_ms: _builtins.int
+    """Created, in ms since the epoch."""
+    issuing_principal: _builtins.str
+    """The principal whose CreateGrant created it (Command.principal)."""
+    create_index: _builtins.int
+    """The log index the grant was created at (orders listings; grant tokens
+    name it).
+    """
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedScalarFieldContainer[_resources_pb2.GrantOperation.ValueType]:
+        """The operations the grant allows."""
+
+    @_builtins.property
+    def constraints(self) -> _resources_pb2.GrantConstraints:
+        """Encryption-context constraints; unset for none."""
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        grantee_principal: _builtins.str = ...,
+        retiring_principal: _builtins.str = ...,
+        operations: _abc.Iterable[_resources_pb2.GrantOperation.ValueType] | None = ...,
+        constraints: _resources_pb2.GrantConstraints | None = ...,
+        creation_ms: _builtins.int = ...,
+        issuing_principal: _builtins.str = ...,
+        create_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "create_index", b"create_index", "creation_ms", b"creation_ms", "grant_id", b"grant_id", "grantee_principal", b"grantee_principal", "issuing_principal", b"issuing_principal", "key_id", b"key_id", "name", b"name", "operations", b"operations", "retiring_principal", b"retiring_principal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantRecord: _TypeAlias = GrantRecord  # noqa: Y015
 
 @_typing.final
 class AliasRecord(_message.Message):
@@ -832,6 +1062,7 @@ class Snapshot(_message.Message):
     ALIASES_FIELD_NUMBER: _builtins.int
     DEDUPE_FIELD_NUMBER: _builtins.int
     LAST_NOW_MS_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
     applied_index: _builtins.int
     """The last applied log index."""
     last_now_ms: _builtins.int
@@ -848,6 +1079,10 @@ class Snapshot(_message.Message):
     def dedupe(self) -> _containers.RepeatedCompositeFieldContainer[Global___DedupeEntry]:
         """Remembered request ids, oldest first."""
 
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___GrantRecord]:
+        """Grants of every key, in creation order."""
+
     def __init__(
         self,
         *,
@@ -856,10 +1091,11 @@ class Snapshot(_message.Message):
         aliases: _abc.Iterable[Global___AliasRecord] | None = ...,
         dedupe: _abc.Iterable[Global___DedupeEntry] | None = ...,
         last_now_ms: _builtins.int = ...,
+        grants: _abc.Iterable[Global___GrantRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "applied_index", b"applied_index", "dedupe", b"dedupe", "keys", b"keys", "last_now_ms", b"last_now_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "applied_index", b"applied_index", "dedupe", b"dedupe", "grants", b"grants", "keys", b"keys", "last_now_ms", b"last_now_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
