@@ -24,6 +24,7 @@ from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.server import CLUSTER_SERVICE_NAME, SERVICE_NAME, build_server
 from kmsd.audit.writer import AuditWriter
+from kmsd.auth.throttle import RateLimiter
 from kmsd.auth.tls import PeerTls, ServerTls
 from kmsd.clock import Clock, SystemClock
 from kmsd.config import Config
@@ -158,6 +159,7 @@ class Node:
             rng=self._rng,
             max_staleness_s=config.raft.max_staleness_ms / 1000,
             auth=config.auth,
+            limiter=RateLimiter(config.limits.requests_per_second, config.limits.burst),
         )
         if not config.auth.enabled:
             log.warning("[auth].enabled = false: authorization is OFF, anyone may do anything")

@@ -164,9 +164,9 @@ class _Plugin:
         leaks = find_leaks(root, self.recorder.secrets)
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.ensure_newline()
+            reporter.write_sep("-", "secret scan")
             reporter.write_line(
-                f"secret scan: {len(self.recorder.secrets)} secrets handled, "
+                f" {len(self.recorder.secrets)} secrets handled, "
                 f"{sum(1 for _ in _scanned_files(root))} log/audit files searched, "
                 f"{len(leaks)} leaks"
             )

@@ -48,6 +48,8 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
 
     async def _run(self, operation: Operation[Req, Resp], request: Req, caller: Caller) -> Resp:
         try:
+            # Before any work, and inside the audit hook, so a throttled call is recorded.
+            self._kms.limiter.take(caller.principal)
             known_enum_values(request)
             return await operation(self._kms, request, caller)
         except KmsError:

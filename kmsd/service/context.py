@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.auth.authorizer import Authorizer
+from kmsd.auth.throttle import RateLimiter
 from kmsd.clock import Clock
 from kmsd.config import AuthConfig
 from kmsd.crypto.keygen import material_id, new_symmetric_key_material
@@ -109,6 +110,8 @@ class Kms:
     max_staleness_s: float = 0.5
     # Who may do what ([auth]); enabled by default, as in the configuration.
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # Per-principal request rate ([limits]); off unless the node configures it.
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
     materials: MaterialCache = field(init=False)
     authorizer: Authorizer = field(init=False)
 
