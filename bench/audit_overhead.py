@@ -1,16 +1,20 @@
-"""Audit overhead: the same kmsd data plane with the audit trail off and on.
+"""Security overhead: the same kmsd data plane with authorization and auditing off and on.
 
 `python -m bench.audit_overhead` starts single kmsd nodes as separate processes on
-127.0.0.1, identical but for `[audit]`: "off" (`enabled = false`), "on" (the
-default: every record durable, group-committed with one fdatasync per batch) and,
-with `--nosync`, "nosync" (`fsync = false`: records written before the answer but
-not synced). It then drives the data plane's closed-loop load (bench.data_plane:
-Encrypt of 4096 bytes, Decrypt, GenerateDataKey, context {"purpose": "bench"})
-against each, rounds interleaved (off, on, [nosync], off, on, ...), and reports per
-operation and concurrency the median ops/s, p50/p99, server CPU per call and the
-ratio on/off (the goal: >= 0.8).
-
-Authorization (key policies) is not implemented yet, so "on" means auditing only.
+127.0.0.1, identical but for `[audit]`, `[auth]` and `[limits]`:
+- "off": audit trail off, authorization off, rate limiting off;
+- "on" (the defaults): every request authorized against the key's policy (the caller
+  is not an administrator: the key's default policy allows it as the key's creator),
+  rate-limited per principal, and recorded in the audit trail, each record durable
+  (group commit, one fdatasync per batch);
+- with `--nosync`, "nosync": as "on" but the audit trail with `fsync = false`;
+- with `--audit-only`, "audit": the audit trail on, authorization and limits off.
+It then drives the data plane's closed-loop load (bench.data_plane: Encrypt of 4096
+bytes, Decrypt, GenerateDataKey, context {"purpose": "bench"}) against each, rounds
+interleaved (off, on, ..., off, on, ...), and reports per operation and concurrency
+the median ops/s, p50/p99, server CPU per call and the ratio on/off (the goal:
+>= 0.8). Both sides run plaintext on loopback, so the figures isolate
+authorization and auditing from TLS (which costs the same either way).
 """
 
 from __future__ import annotations
@@ -48,10 +52,14 @@ from bench.data_plane import (
 )
 
 GOAL = 0.8
-AUDIT = {
-    "off": {"enabled": False},
-    "on": {"enabled": True, "fsync": True},
-    "nosync": {"enabled": True, "fsync": False},
+_AUTH_ON = {"key_creators": ["anonymous"]}  # no administrator: policies are evaluated
+_OFF = {"enabled": False}
+_NO_LIMITS = {"requests_per_second": 0}
+MODES: dict[str, dict[str, Any]] = {
+    "off": {"audit": _OFF, "auth": _OFF, "limits": _NO_LIMITS},
+    "on": {"audit": {"enabled": True, "fsync": True}, "auth": _AUTH_ON, "limits": {}},
+    "nosync": {"audit": {"enabled": True, "fsync": False}, "auth": _AUTH_ON, "limits": {}},
+    "audit": {"audit": {"enabled": True, "fsync": True}, "auth": _OFF, "limits": _NO_LIMITS},
 }
 _MEDIANS = ("ops_per_s", "p50_ms", "p99_ms", "server_cpu_us")
 
@@ -88,10 +96,9 @@ async def _serve(data_dir: Path, mode: str) -> int:
     config = config_from_dict(
         {
             "node": {"data_dir": str(data_dir), "listen": "127.0.0.1:0", "log_level": "INFO"},
-            "audit": AUDIT[mode],
-            # Plaintext on loopback, as bench.data_plane: the audit trail is the subject.
+            **MODES[mode],
+            # Plaintext on loopback: authorization and auditing are the subject, not TLS.
             "tls": {"plaintext": True},
-            "auth": {"administrators": ["anonymous"], "operators": ["anonymous"]},
         }
     )
     logging.basicConfig(level=config.log_level, stream=sys.stderr)
@@ -100,7 +107,7 @@ async def _serve(data_dir: Path, mode: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, node.request_stop)
-    print(f"kmsd (audit {mode}): serving on 127.0.0.1:{node.port}", flush=True)
+    print(f"kmsd (security {mode}): serving on 127.0.0.1:{node.port}", flush=True)
     return await node.wait()
 
 
@@ -147,7 +154,7 @@ async def run_benchmark(
                         if not args.quiet:
                             print(
                                 f"  {op:<15} c={concurrency:<3} round {index + 1}/{args.rounds}"
-                                f" audit {target:<6} {result.ops_per_s:8.0f} ops/s"
+                                f" {target:<6} {result.ops_per_s:8.0f} ops/s"
                                 f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
                                 f"  server CPU {result.server_cpu_us:5.0f} µs/call",
                                 file=sys.stderr,
@@ -161,7 +168,7 @@ async def run_benchmark(
 
 
 def format_table(rows: list[Row], targets: list[str]) -> str:
-    header = "| op | concurrency | " + " | ".join(f"audit {t} ops/s" for t in targets)
+    header = "| op | concurrency | " + " | ".join(f"{t} ops/s" for t in targets)
     header += " | ratio on/off | p50 / p99 ms " + " / ".join(targets)
     header += " | server CPU µs/call " + " / ".join(targets) + " | CPU ratio off/on |"
     lines = [header, "| --- | ---: |" + " ---: |" * (len(targets) + 4)]
@@ -181,9 +188,9 @@ def format_table(rows: list[Row], targets: list[str]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.audit_overhead",
-        description="kmsd's data plane with the audit trail off and on.",
+        description="kmsd's data plane with authorization and the audit trail off and on.",
     )
-    parser.add_argument("--serve", choices=tuple(AUDIT), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=tuple(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, help="measured seconds per round (5)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds before each round (1)")
@@ -195,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ops", nargs="+", choices=OPERATIONS, default=list(OPERATIONS), help="operations"
     )
     parser.add_argument("--nosync", action="store_true", help="also audit with fsync = false")
+    parser.add_argument(
+        "--audit-only", action="store_true", help="also audit with authorization off"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="CI-sized run: 1 round of 1 s, 0.3 s warm-up"
     )
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_system_exit)
     started = time.monotonic()
     targets = ["off", "on"] + (["nosync"] if args.nosync else [])
+    targets += ["audit"] if args.audit_only else []
     budget = 60 + 2 * len(args.ops) * len(args.concurrency) * args.rounds * len(targets) * (
         args.warmup + args.duration + 3
     )
@@ -253,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                 process.stop()
     info = machine()
     print(
-        f"kmsd data plane, audit off vs on ({PLAINTEXT_BYTES}-byte plaintext, context {CONTEXT});"
-        f" median of {args.rounds} round(s) of {args.duration:g} s (warm-up {args.warmup:g} s);"
-        f" authorization: not implemented yet"
+        f"kmsd data plane, authorization + rate limits + audit off vs on ({PLAINTEXT_BYTES}-byte"
+        f" plaintext, context {CONTEXT}); median of {args.rounds} round(s) of"
+        f" {args.duration:g} s (warm-up {args.warmup:g} s)"
     )
     print(
         f"machine: {info['nproc']} CPUs, Python {info['python']}, grpcio {info['grpcio']};"
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for row in rows:
         verdict = "meets" if row.ratio() >= GOAL else "BELOW"
-        extra = f"; nosync/off {row.ratio('nosync'):.3f}" if args.nosync else ""
+        extra = "".join(f"; {t}/off {row.ratio(t):.3f}" for t in targets if t not in ("off", "on"))
         print(
             f"ratio {row.op} c={row.concurrency}: on/off {row.ratio():.3f} ({verdict} goal"
             f" {GOAL}); server CPU ratio {row.cpu_ratio():.2f}{extra}"
