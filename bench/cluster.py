@@ -21,6 +21,10 @@
    reports itself leader, and the failed calls (after the client's retries) of each
    kind. The killed node is restarted and caught up between trials.
 
+`--single-node` adds a third target, interleaved with the two clusters: one kmsd node
+without replication (no `[[cluster.members]]`: its single-node log), the same calls:
+the most a kmsd cluster could do if replication cost nothing.
+
 Calls go to the leader's endpoint by default (`--via leader`, what a leader-aware
 client does; etcd's clients also send to one member); `--via all` spreads the
 callers over the three endpoints, so that followers forward (kmsd) or proxy (etcd).
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -70,6 +75,8 @@ from kms_client import KmsClient, KmsClientError
 __all__ = ["GOAL_FAILOVER_S", "GOAL_RATIO", "main"]
 
 TARGETS = ("kmsd", "etcd")
+#: With --single-node: one kmsd node on its single-node log (no Raft), the same calls.
+SINGLE = "kmsd-1"
 GOAL_RATIO = 0.5
 GOAL_FAILOVER_S = 2.0
 ETCD_VALUE_BYTES = 256
@@ -157,7 +164,7 @@ class RoundResult:
     server_cpu_us: float = math.nan
     #: CPU of this process (the load generator) per write, µs.
     client_cpu_us: float = math.nan
-    #: CPU the other, idle cluster used meanwhile, in % of one core.
+    #: CPU the other, idle cluster(s) used meanwhile, in % of one core.
     idle_other_cpu_pct: float = math.nan
     #: CPU used by processes other than the bench and both clusters (the machine is
     #: shared), in % of one core: a round with much of it is disturbed.
@@ -197,7 +204,12 @@ class Row:
 
     @property
     def errors(self) -> int:
-        return sum(r.errors for target in TARGETS for r in self.rounds[target])
+        return sum(r.errors for rounds in self.rounds.values() for r in rounds)
+
+    def single_ratio(self) -> float:
+        """Writes/s of one unreplicated kmsd node over etcd's puts/s (--single-node)."""
+        etcd = self.median("etcd", "ops_per_s")
+        return self.median(SINGLE, "ops_per_s") / etcd if etcd else math.nan
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -336,6 +348,8 @@ class Settings:
     client_attempts: int | None = None
     throughput: bool = True
     failover: bool = True
+    #: Also measure one unreplicated kmsd node, interleaved with the two clusters.
+    single_node: bool = False
 
 
 class Profiler:
@@ -373,6 +387,7 @@ async def run_throughput(
     settings: Settings,
     progress: Callable[[str], None],
     profiler: Profiler,
+    single: KmsdCluster | None = None,
 ) -> list[Row]:
     """Interleaved rounds at each concurrency; returns a Row per concurrency."""
     leader = kmsd.leader()
@@ -381,29 +396,40 @@ async def run_throughput(
         "kmsd": [kmsd.endpoint(leader)] if settings.via == "leader" else kmsd.endpoints,
         "etcd": [etcd_leader] if settings.via == "leader" else etcd.endpoints,
     }
+    pids = {"kmsd": kmsd.pids, "etcd": etcd.pids}
+    if single is not None:
+        endpoints[SINGLE] = single.endpoints
+        pids[SINGLE] = single.pids
+    targets = list(endpoints)
     progress(f"throughput: kmsd leader node {leader}, etcd leader {etcd_leader}")
-    channels = {t: [grpc.aio.insecure_channel(e) for e in endpoints[t]] for t in TARGETS}
+    channels = {t: [grpc.aio.insecure_channel(e) for e in endpoints[t]] for t in targets}
     try:
         calls = {
             "kmsd": kmsd_call([pb_grpc.KeyManagementServiceStub(c) for c in channels["kmsd"]]),
             "etcd": etcd_call(etcd_pb, [etcd_grpc.KVStub(c) for c in channels["etcd"]]),
         }
-        for target in TARGETS:  # connect, and fail early if a cluster does not write
+        if single is not None:
+            stubs = [pb_grpc.KeyManagementServiceStub(c) for c in channels[SINGLE]]
+            calls[SINGLE] = kmsd_call(stubs)
+        for target in targets:  # connect, and fail early if a cluster does not write
             await calls[target]()
-        pids = {"kmsd": kmsd.pids, "etcd": etcd.pids}
         kmsd_pids = {node: child.pid for node, child in kmsd.nodes.items()}
         rows = []
         for concurrency in settings.concurrency:
             row = Row(concurrency)
+            for target in targets:
+                row.rounds.setdefault(target, [])
             for index in range(settings.rounds):
-                for target, other in (("kmsd", "etcd"), ("etcd", "kmsd")):
+                for target in targets:
+                    others = [t for t in targets if t != target]
+                    other = "+".join(others)
                     measured = measure(
                         calls[target],
                         concurrency,
                         settings.warmup,
                         settings.duration,
                         pids[target],
-                        pids[other],
+                        [pid for t in others for pid in pids[t]],
                     )
                     if target == "kmsd":
                         result = await profiler.around(
@@ -451,6 +477,25 @@ def format_table(rows: list[Row]) -> str:
             f" | {k['server_cpu_us']:,.0f} / {e['server_cpu_us']:,.0f} | {row.cpu_ratio:.2f}"
             f" | {k['client_cpu_us']:.0f} / {e['client_cpu_us']:.0f}"
             f" | {k['foreign_cpu_pct']:.0f} / {e['foreign_cpu_pct']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_single_table(rows: list[Row]) -> str:
+    """The --single-node comparison: what one kmsd node does without replication."""
+    lines = [
+        "| clients | kmsd 1 node writes/s | etcd puts/s | ratio 1 node/etcd"
+        " | kmsd 3 nodes / 1 node | 1 node p50 / p99 ms | server CPU µs/write 1 node |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        one = {a: row.median(SINGLE, a) for a in _MEDIANS}
+        three = row.median("kmsd", "ops_per_s")
+        lines.append(
+            f"| {row.concurrency} | {one['ops_per_s']:,.0f}"
+            f" | {row.median('etcd', 'ops_per_s'):,.0f} | {row.single_ratio():.2f}"
+            f" | {three / one['ops_per_s'] if one['ops_per_s'] else math.nan:.2f}"
+            f" | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {one['server_cpu_us']:,.0f} |"
         )
     return "\n".join(lines)
 
@@ -515,7 +560,7 @@ class _Load:
         #: (start of the last attempt, completion) of each successful write.
         self.writes: list[tuple[float, float]] = []
         self.threads: list[threading.Thread] = []
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"plaintext": True}  # the nodes serve plaintext (loopback)
         if client_attempts is not None:
             options["max_attempts"] = client_attempts
         self.write_client = KmsClient(
@@ -724,7 +769,7 @@ def run_trial(
 def run_failover(
     cluster: KmsdCluster, settings: Settings, progress: Callable[[str], None]
 ) -> list[Trial]:
-    with KmsClient(cluster.endpoints) as client:
+    with KmsClient(cluster.endpoints, plaintext=True) as client:
         key_id = client.create_key(description="bench.cluster crypto").key_metadata.key_id
     trials = []
     for index in range(settings.trials):
@@ -860,7 +905,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument(
         "--client-attempts",
         type=int,
-        help="KmsClient max_attempts in the failover trials (the client's default: 5)",
+        help="KmsClient max_attempts in the failover trials (the client's default)",
+    )
+    parser.add_argument(
+        "--single-node",
+        action="store_true",
+        help="also measure one kmsd node without replication (interleaved): the ceiling",
     )
     parser.add_argument("--fsync-seconds", type=float, help="disk-floor sampling time (2)")
     parser.add_argument(
@@ -891,6 +941,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         ),
         throughput=not args.no_throughput,
         failover=not args.no_failover,
+        single_node=args.single_node,
     )
     if settings.duration <= 0 or settings.warmup < 0 or settings.rounds < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --rounds >= 1")
@@ -921,8 +972,9 @@ def _report_json(
                 "ratio": row.ratio,
                 "cpu_ratio": row.cpu_ratio,
                 "paired_ratios": row.paired_ratios,
-                "median": {t: {a: row.median(t, a) for a in _MEDIANS} for t in TARGETS},
-                "rounds": {t: [asdict(r) for r in row.rounds[t]] for t in TARGETS},
+                "median": {t: {a: row.median(t, a) for a in _MEDIANS} for t in row.rounds},
+                "rounds": {t: [asdict(r) for r in rs] for t, rs in row.rounds.items()},
+                **({"single_ratio": row.single_ratio()} if SINGLE in row.rounds else {}),
             }
             for row in rows
         ],
@@ -968,13 +1020,18 @@ def main(argv: list[str] | None = None) -> int:
             etcd_pb, etcd_grpc = etcd_stubs(tmp / "etcd-proto")
             kmsd = KmsdCluster(tmp / "kmsd", children).start()
             etcd = EtcdCluster(etcd_binary, tmp / "etcd", children, etcd_pb, etcd_grpc).start()
+            single = None
+            if settings.single_node:
+                single = KmsdCluster(tmp / "kmsd-1", children, 1, replicated=False).start()
             progress(
                 f"kmsd {kmsd.endpoints} (pids {kmsd.pids}); etcd {etcd.endpoints}"
-                f" (pids {etcd.pids}); {settings.rounds} round(s) of {settings.duration:g} s"
+                f" (pids {etcd.pids})"
+                + (f"; kmsd single node {single.endpoints} (pid {single.pids})" if single else "")
+                + f"; {settings.rounds} round(s) of {settings.duration:g} s"
                 f" after {settings.warmup:g} s warm-up, concurrency {settings.concurrency}"
             )
             rows = asyncio.run(
-                run_throughput(kmsd, etcd, etcd_pb, etcd_grpc, settings, progress, profiler)
+                run_throughput(kmsd, etcd, etcd_pb, etcd_grpc, settings, progress, profiler, single)
             )
             children.stop_all()
         if settings.failover:
@@ -1019,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
         f" 1-min load average {load_start:.1f} at start,"
         f" {info['loadavg_1min']['end']:.1f} at end"
     )
-    foreign = [r.foreign_cpu_pct for row in rows for t in TARGETS for r in row.rounds[t]]
+    foreign = [r.foreign_cpu_pct for row in rows for rs in row.rounds.values() for r in rs]
     foreign += [t.foreign_cpu_pct for t in trials]
     if foreign:
         print(
@@ -1043,11 +1100,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio c={row.concurrency}: {row.ratio:.3f} ({verdict} goal {GOAL_RATIO});"
                 f" per round: {paired}; server CPU ratio etcd/kmsd {row.cpu_ratio:.2f}"
             )
+        if settings.single_node:
+            print()
+            print(
+                "one kmsd node without replication (its single-node log), interleaved with"
+                " the clusters: the most a kmsd cluster could do if replication were free"
+            )
+            print()
+            print(format_single_table(rows))
         errors = sum(row.errors for row in rows)
     if trials:
         print()
         print(failover_line(trials))
-        attempts = settings.client_attempts or "default (5)"
+        default = inspect.signature(KmsClient).parameters["max_attempts"].default
+        attempts = settings.client_attempts or f"default ({default})"
         print(
             f"  {settings.writers} writer threads and one crypto caller per survivor, the"
             f" KmsClient with max_attempts {attempts}; per trial:"

@@ -27,12 +27,19 @@ START_TIMEOUT = 60.0
 
 
 class KmsdCluster:
-    """`size` kmsd nodes on loopback sharing one file seal; node ids are 1..size."""
+    """`size` kmsd nodes on loopback sharing one file seal; node ids are 1..size.
+    `replicated=False` (one node only): a node without `[[cluster.members]]`, i.e. on
+    its single-node log, without Raft: what kmsd costs when nothing is replicated."""
 
-    def __init__(self, root: Path, children: Children, size: int = 3) -> None:
+    def __init__(
+        self, root: Path, children: Children, size: int = 3, replicated: bool = True
+    ) -> None:
+        if not replicated and size != 1:
+            raise ValueError("only a single node runs unreplicated")
         self.root = root
         self.children = children
         self.size = size
+        self.replicated = replicated
         self.nodes: dict[int, Child] = {}
         self.client_ports: list[int] = []
         self.peer_ports: list[int] = []
@@ -54,14 +61,22 @@ class KmsdCluster:
             f'peer_address = "127.0.0.1:{self.peer_ports[i - 1]}"\n'
             f'client_address = "127.0.0.1:{self.client_ports[i - 1]}"\n'
             for i in range(1, self.size + 1)
+            if self.replicated
+        )
+        peer_listen = (
+            f'peer_listen = "127.0.0.1:{self.peer_ports[node_id - 1]}"\n' if self.replicated else ""
         )
         return (
             "# Written by bench.cluster.\n"
             f"[node]\nid = {node_id}\n"
             f'data_dir = "{self.root / f"node-{node_id}"}"\n'
             f'listen = "127.0.0.1:{self.client_ports[node_id - 1]}"\n'
-            f'peer_listen = "127.0.0.1:{self.peer_ports[node_id - 1]}"\n'
+            f"{peer_listen}"
             f'\n[seal]\ntype = "file"\npath = "{self.root / "root.key"}"\n'
+            # Plaintext on loopback, the caller (anonymous) allowed everything: etcd runs
+            # without TLS or auth here too, and TLS costs any gRPC service alike.
+            "\n[tls]\nplaintext = true\n"
+            '\n[auth]\nadministrators = ["anonymous"]\noperators = ["anonymous"]\n'
             f'\n[cluster]\nid = "kmsd-bench"\n{members}'
         )
 

@@ -1,9 +1,10 @@
 """A Raft node's durable state: WAL (entries, HardState, snapshot markers) and snapshot
 files, recovered on start into the `MemoryStorage` the Raft core reads.
 
-Write methods block on fsync: the driver runs them on its single I/O thread, and
-mirrors what they made durable into the MemoryStorage only afterwards, so the core
-never sees anything that is not on disk.
+Write methods block on fsync. The driver calls them one at a time (on its I/O thread
+while it leads, inline otherwise: never two at once), and mirrors what they made
+durable into the MemoryStorage only afterwards, so the core never sees anything that
+is not on disk.
 """
 
 from __future__ import annotations

@@ -2,34 +2,47 @@
 
 One task owns the `RawNode` and runs etcd's Ready loop:
 
-    1. persist the Ready's snapshot, entries and HardState, with one fdatasync for the
-       whole batch, on the I/O thread (the event loop keeps serving meanwhile; what
-       arrives during the fsync is batched into the next Ready: group commit);
+    1. persist the Ready's snapshot, entries and HardState with one fdatasync for the
+       whole batch. A leader does it on the I/O thread, so the event loop keeps serving
+       meanwhile (what arrives during the fsync is batched into the next Ready: group
+       commit); any other node does it inline, saving two thread hand-offs, because it
+       has nothing to overlap with its fsync. A commit-only HardState (`must_sync`
+       False) costs no I/O of its own: it is written, unsynced, with the next batch
+       (the commit index is recoverable from the cluster; etcd does the same);
     2. mirror them into the MemoryStorage the core reads;
-    3. only then send the Ready's messages (a vote or an append acknowledgement never
-       leaves before what it promises is on disk);
+    3. send the Ready's messages: only now, after the fsync (a vote or an append
+       acknowledgement never leaves before what it promises is on disk), unless the
+       core marked the batch `early_send_ok` (a leader's APPENDs, thesis §10.2.1: the
+       core counts the leader's own entries only once `advance` says they are on its
+       disk), or the Ready had nothing to make durable; those leave before the fsync,
+       so the followers' fsyncs overlap the leader's;
     4. apply the snapshot and committed entries to the state machine, resolve
        proposals and read requests;
     5. advance.
 
 A command is proposed inside an envelope naming the node and a sequence number,
 so the node that asked for it resolves its own waiter when it applies the entry,
-whether it proposed it as leader or forwarded it to the leader. A proposal whose
-leader changes before it commits fails with UnavailableError: it may or may not
-commit later, which is why mutating requests carry a request_id.
+whether it proposed it as leader or forwarded it to the leader. While no leader is
+known (an election), or the leader it forwarded to turns out dead or deposed, a
+proposal waits for the next leader within its timeout rather than fail: a client
+then sees a slower write, not an error and a backoff. A proposal whose leader changes
+after it reached one fails with UnavailableError: it may or may not commit later,
+which is why mutating requests carry a request_id.
 
 Reads: `read_barrier` is ReadIndex (linearizable). With `allow_stale_s`, a node
-whose applied state is provably at most that old answers from it at once: every
-tick the node sends a read-index probe, and once it has applied the probe's index
-its state is as new as the probe's send time (its own monotonic clock, so a pause
-or a slow link only makes it older). Otherwise it goes through ReadIndex, which
-fails when there is no quorum.
+whose applied state is provably at most that old answers from it at once. The
+proof: a read index obtained for a request sent at time T (its own monotonic clock,
+so a pause or a slow link only makes it older), once applied, shows the state is as
+new as T. Every ReadIndex counts; while bounded-staleness reads keep coming
+(`fresh_within` is asked) the node also sends a read-index probe whenever its proof
+is half the asked bound old, and stops probing once they stop (an idle cluster then
+exchanges only heartbeats). Otherwise a read goes through ReadIndex, which fails
+when there is no quorum.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import struct
@@ -51,6 +64,7 @@ from kmsd.raft import (
     ConfState,
     Entry,
     EntryType,
+    HardState,
     MemoryStorage,
     Message,
     ProposalDropped,
@@ -60,7 +74,7 @@ from kmsd.raft import (
     Role,
     Status,
 )
-from kmsd.transport.base import Transport
+from kmsd.transport.base import LeaderUnreachable, Overloaded, Transport
 from kmsd.transport.codec import conf_to_proto
 
 log = logging.getLogger(__name__)
@@ -73,7 +87,7 @@ _ENVELOPE_VERSION = 1
 class RaftSettings:
     """Timing and sizing of a Raft node. Ticks are `tick_seconds` long."""
 
-    tick_seconds: float = 0.1
+    tick_seconds: float = 0.05
     election_ticks: int = 10
     heartbeat_ticks: int = 1
     snapshot_every: int = 10_000
@@ -85,6 +99,11 @@ class RaftSettings:
     promote_within: int = 100
     # Proposals waiting for the core; beyond this the node sheds load.
     max_queued_proposals: int = 10_000
+    # Freshness probes stop this long after the last bounded-staleness read.
+    probe_idle_s: float = 5.0
+    # Group commit on the leader: see RaftLog._hold_proposals. 0 turns it off.
+    proposal_wait_s: float = 0.004
+    max_batch_proposals: int = 512
 
 
 class RaftLog:
@@ -124,24 +143,39 @@ class RaftLog:
         self._leader = 0
         self._term = 0
         self._wake = asyncio.Event()
+        self._tick_due = False
+        self._next_tick = 0.0
+        self._tick_timer: asyncio.TimerHandle | None = None
         self._inbox: deque[Message] = deque()
         self._proposals: deque[tuple[bytes, asyncio.Future[int]]] = deque()
         self._conf_changes: deque[tuple[ConfChange, asyncio.Future[int]]] = deque()
         self._reads: deque[bytes] = deque()
         self._deferred_reads: list[bytes] = []
-        self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
+        # A read's waiter and when it was asked (its answer proves freshness as of then).
+        self._read_waiters: dict[bytes, tuple[asyncio.Future[int], float]] = {}
         self._pending: dict[bytes, asyncio.Future[Applied]] = {}
+        # Proposals not yet handed to a leader (waiting for one): a leader change must
+        # not fail them, it is what they wait for.
+        self._unsubmitted: set[bytes] = set()
+        self._leader_waiters: list[asyncio.Future[None]] = []
+        self._waiting_followers: set[int] = set()  # see _apply
+        self._last_proposed = 0  # the last index this node proposed as leader
+        self._held_since: float | None = None  # see _hold_proposals
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # A commit-only HardState not written yet; it goes out with the next write.
+        self._unsaved_hard_state: HardState | None = None
         self._seq = 0
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._stopping = False
-        # Bounded staleness, measured on this node's own monotonic clock: a read-index
-        # probe sent at time T whose index this node has applied proves the local state
-        # is at least as new as T, whatever the link delay or a process pause was.
+        # Bounded staleness, measured on this node's own monotonic clock: a read index
+        # asked for at time T, once this node has applied it, proves the local state is
+        # at least as new as T, whatever the link delay or a process pause was.
         self._probe: tuple[bytes, float] | None = None
-        self._probe_index: tuple[int, float] | None = None
         self._fresh_as_of = float("-inf")
+        self._fresh_pending: list[tuple[int, float]] = []  # (read index, asked at)
+        self._probe_until = float("-inf")  # probe while bounded-staleness reads come
+        self._probe_every = 0.0
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -180,6 +214,8 @@ class RaftLog:
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
 
     async def stop(self) -> None:
+        if self._task is not None and not self._stopping and self.is_leader():
+            await self._hand_over_leadership()
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -187,8 +223,41 @@ class RaftLog:
             self._task = None
         await self._transport.stop()
         self._fail_all(UnavailableError("the node is stopping"))
-        await asyncio.get_running_loop().run_in_executor(self._io, self._disk.close)
+        loop = asyncio.get_running_loop()
+        if self._unsaved_hard_state is not None and self._failure is None:
+            await loop.run_in_executor(
+                self._io, self._disk.persist, None, [], self._unsaved_hard_state, False
+            )
+            self._unsaved_hard_state = None
+        await loop.run_in_executor(self._io, self._disk.close)
         self._io.shutdown(wait=True)
+
+    async def _hand_over_leadership(self) -> None:
+        """A leader that stops hands its leadership to the most up-to-date active voter
+        first (bounded by an election timeout), so the cluster does not wait out an
+        election: a rolling restart then costs a round trip, not a second."""
+        assert self._raw is not None
+        status = self._raw.status()
+        candidates = [
+            (progress.match, node_id)
+            for node_id, progress in status.progress.items()
+            if node_id != self.node_id and node_id in status.conf.voters and progress.recent_active
+        ]
+        if not candidates:
+            return
+        _, target = max(candidates)
+        log.info("node %d: stopping; handing leadership to node %d", self.node_id, target)
+        try:
+            self._raw.transfer_leader(target)
+        except (RaftError, ValueError):
+            return
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.election_ticks * self.settings.tick_seconds
+        # Done once another node leads (not merely once this one stepped down), so
+        # that the cluster never waits out an election for this stop.
+        if not await self._leader_changed_before(deadline, self.node_id):
+            log.info("node %d: leadership transfer to %d timed out", self.node_id, target)
 
     @property
     def failure(self) -> BaseException | None:
@@ -209,38 +278,88 @@ class RaftLog:
         self._seq += 1
         envelope = _ENVELOPE.pack(_ENVELOPE_VERSION, self.node_id, self._seq) + command
         key = envelope[: _ENVELOPE.size]
-        done: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Applied] = loop.create_future()
+        deadline = loop.time() + self.settings.request_timeout_s
         self._pending[key] = done
+        self._unsubmitted.add(key)
         try:
-            if self.is_leader():
-                await self._enqueue_proposal(envelope)
-            elif self._leader:
-                await self._transport.forward(
-                    self._leader, envelope, self.settings.request_timeout_s
-                )
-            else:
-                raise self._no_leader()
-            return await asyncio.wait_for(done, self.settings.request_timeout_s)
+            await self._submit(envelope, deadline)
+            self._unsubmitted.discard(key)
+            # asyncio.timeout rather than wait_for: no extra task per write.
+            async with asyncio.timeout_at(deadline):
+                return await done
         except TimeoutError:
+            if key in self._unsubmitted:
+                raise self._no_leader() from None
             raise UnavailableError(
                 "the command was not committed in time; it may still commit: retry with the"
                 " same request_id"
             ) from None
         finally:
             self._pending.pop(key, None)
+            self._unsubmitted.discard(key)
+
+    async def _submit(self, envelope: bytes, deadline: float) -> None:
+        """Hands `envelope` to a leader: proposes it here if this node leads, forwards it
+        otherwise. Waits (until `deadline`) for a leader while there is none, or when
+        the one it tried is gone or deposed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._check_running()
+            leader = self._leader
+            try:
+                if self.is_leader():
+                    await self._enqueue_proposal(envelope)
+                    return
+                if leader:
+                    timeout = max(0.0, deadline - loop.time())
+                    await self._transport.forward(leader, envelope, timeout)
+                    return
+            except LeaderUnreachable:
+                if self._leader != leader:
+                    continue  # it already changed: try the new one at once
+            # Look again after an election timeout even without a change (an abandoned
+            # leadership transfer, a link that came back).
+            retry_at = loop.time() + self.settings.election_ticks * self.settings.tick_seconds
+            await self._leader_changed_before(min(deadline, retry_at), leader)
+            if loop.time() >= deadline:
+                raise self._no_leader()
+
+    async def _leader_changed_before(self, deadline: float, old: int | None = None) -> bool:
+        """Waits until a leader other than `old` is known (with `old` None: until the
+        leader changes at all); False if `deadline` passed first."""
+        loop = asyncio.get_running_loop()
+        while old is None or self._leader in (old, 0):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._leader_waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                return False
+            finally:
+                if waiter in self._leader_waiters:
+                    self._leader_waiters.remove(waiter)
+            self._check_running()
+            if old is None:
+                return True
+        return True
 
     async def read_barrier(self, allow_stale_s: float = 0.0) -> int:
         """See the module docstring."""
         self._check_running()
         if allow_stale_s > 0 and self.fresh_within(allow_stale_s):
             return self._applied
+        loop = asyncio.get_running_loop()
         context = self._rng.randbytes(16)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._read_waiters[context] = done
+        done: asyncio.Future[int] = loop.create_future()
+        self._read_waiters[context] = (done, loop.time())
         self._reads.append(context)
         self._wake.set()
         try:
-            index = await asyncio.wait_for(done, self.settings.request_timeout_s)
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                index = await done
         except TimeoutError:
             raise self._no_leader() from None
         finally:
@@ -255,7 +374,8 @@ class RaftLog:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._apply_waiters.append((index, done))
         try:
-            await asyncio.wait_for(done, timeout or self.settings.request_timeout_s)
+            async with asyncio.timeout(timeout or self.settings.request_timeout_s):
+                await done
         except TimeoutError:
             raise UnavailableError(
                 f"this node has applied up to {self._applied}, not yet {index}"
@@ -336,35 +456,51 @@ class RaftLog:
 
     async def _enqueue_proposal(self, envelope: bytes) -> int:
         if len(self._proposals) >= self.settings.max_queued_proposals:
-            raise UnavailableError(
-                "too many proposals queued; retry later", retry_after_seconds=0.5
-            )
+            raise Overloaded("too many proposals queued; retry later", retry_after_seconds=0.5)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._proposals.append((envelope, done))
         self._wake.set()
         return await done
 
-    async def _run(self) -> None:
+    def _on_tick_timer(self) -> None:
+        # A timer, not a timeout on the wake-up wait: the loop then waits on one event
+        # without setting up a timeout per wake-up. After a long stall it ticks once
+        # rather than catch up in a burst.
         loop = asyncio.get_running_loop()
         tick = self.settings.tick_seconds
-        next_tick = loop.time() + tick
+        self._next_tick = max(self._next_tick + tick, loop.time() + tick / 2)
+        self._tick_timer = loop.call_at(self._next_tick, self._on_tick_timer)
+        self._tick_due = True
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._next_tick = loop.time() + self.settings.tick_seconds
+        self._tick_timer = loop.call_at(self._next_tick, self._on_tick_timer)
+        raw = self._raw
+        assert raw is not None
+        wake = self._wake
         try:
             while not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_tick - loop.time()))
-                self._wake.clear()
-                now = loop.time()
-                if now >= next_tick:
-                    self._tick()
-                    # After a long stall, tick once rather than catch up in a burst.
-                    next_tick = max(next_tick + tick, now + tick / 2)
-                self._feed()
-                assert self._raw is not None
-                while self._raw.has_ready() and not self._stopping:
-                    await self._handle_ready(self._raw.ready())
-                    self._feed()
+                await wake.wait()
+                wake.clear()
+                self._take_inputs()
+                while raw.has_ready() and not self._stopping:
+                    await self._handle_ready(raw.ready())
+                    self._take_inputs()
         except Exception as error:  # a persistence failure or a bug: stop, never ack
             self._fatal(error)
+        finally:
+            if self._tick_timer is not None:
+                self._tick_timer.cancel()
+
+    def _take_inputs(self) -> None:
+        # Ticks are taken here too, between Readies: under steady load the loop may
+        # never go back to waiting, and a node that stops ticking stops heartbeating.
+        if self._tick_due:
+            self._tick_due = False
+            self._tick()
+        self._feed()
 
     def _tick(self) -> None:
         assert self._raw is not None
@@ -372,15 +508,15 @@ class RaftLog:
         if self._deferred_reads:
             self._reads.extend(self._deferred_reads)
             self._deferred_reads.clear()
-        status = self._raw.status()
-        self._probe_freshness()
-        if status.role == Role.LEADER:
-            self._maybe_promote(status)
+        now = asyncio.get_running_loop().time()
+        if now < self._probe_until and now - self._fresh_as_of >= self._probe_every:
+            self._probe_freshness(now)
+        if self._role == Role.LEADER:
+            self._maybe_promote(self._raw.status())
 
-    def _probe_freshness(self) -> None:
+    def _probe_freshness(self, now: float) -> None:
         """Starts a read-index probe unless one is under way (a lost one expires)."""
         assert self._raw is not None
-        now = asyncio.get_running_loop().time()
         lost_after = 2 * self.settings.election_ticks * self.settings.tick_seconds
         if self._probe is not None and now - self._probe[1] < lost_after:
             return
@@ -392,15 +528,39 @@ class RaftLog:
             return
         self._probe = (context, now)
 
+    def _hold_proposals(self) -> bool:
+        """Whether new proposals should wait for the batch in flight (group commit).
+
+        Every batch costs the leader a Ready, an fsync, a write to each follower and
+        the handling of their acks, whatever its size, and that fixed cost is most of
+        the leader's Raft work per write. So while a batch is being replicated,
+        proposals that arrive wait, at most `proposal_wait_s`, until it is applied,
+        then go as one batch. A lone write never waits: nothing is in flight."""
+        wait = self.settings.proposal_wait_s
+        if (
+            wait <= 0
+            or self._last_proposed <= self._applied
+            or len(self._proposals) >= self.settings.max_batch_proposals
+        ):
+            return False
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._held_since is None:
+            self._held_since = now
+            loop.call_at(now + wait, self._wake.set)
+        return now < self._held_since + wait
+
     def _feed(self) -> None:
         """Hands queued inputs to the core."""
         raw = self._raw
         assert raw is not None
-        while self._inbox:
-            raw.step(self._inbox.popleft())
-        if self._proposals:
+        inbox = self._inbox
+        while inbox:
+            raw.step(inbox.popleft())
+        if self._proposals and not self._hold_proposals():
             batch = list(self._proposals)
             self._proposals.clear()
+            self._held_since = None
             try:
                 indexes = raw.propose_batch([envelope for envelope, _ in batch])
             except ProposalDropped as error:
@@ -409,6 +569,7 @@ class RaftLog:
             else:
                 for (_, done), index in zip(batch, indexes, strict=True):
                     _settle(done, result=index)
+                self._last_proposed = indexes[-1]
         while self._conf_changes:
             change, done = self._conf_changes.popleft()
             try:
@@ -425,48 +586,81 @@ class RaftLog:
             except RaftError:
                 # No leader yet (an election): wait for one, within the read's timeout,
                 # rather than fail a read that a new leader answers in a second.
-                waiter = self._read_waiters.get(context)
-                if waiter is not None and not waiter.done():
+                waiting = self._read_waiters.get(context)
+                if waiting is not None and not waiting[0].done():
                     deferred.append(context)
         self._deferred_reads.extend(deferred)
 
     async def _handle_ready(self, ready: Ready) -> None:
-        loop = asyncio.get_running_loop()
         storage = self._storage
         raw = self._raw
         assert storage is not None and raw is not None
-        await loop.run_in_executor(
-            self._io,
-            self._disk.persist,
-            ready.snapshot,
-            ready.entries,
-            ready.hard_state,
-            ready.must_sync,
-        )
+        # must_sync covers entries, a snapshot and a term or vote change; what is left
+        # (a moved commit index) needs no write of its own.
+        durable = ready.must_sync or ready.snapshot is not None or bool(ready.entries)
+        send_first = bool(ready.messages) and (ready.early_send_ok or not durable)
+        if send_first:
+            self._transport.send(ready.messages)
+            if durable:
+                # Let the peer tasks start their writes before the I/O thread, which
+                # needs the GIL to frame the records, competes with them.
+                await asyncio.sleep(0)
+        if durable:
+            hard_state = ready.hard_state or self._unsaved_hard_state
+            self._unsaved_hard_state = None
+            role = ready.soft_state.role if ready.soft_state is not None else self._role
+            if role == Role.LEADER:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._io,
+                    self._disk.persist,
+                    ready.snapshot,
+                    ready.entries,
+                    hard_state,
+                    True,
+                )
+            else:
+                self._disk.persist(ready.snapshot, ready.entries, hard_state, True)
+        elif ready.hard_state is not None:
+            self._unsaved_hard_state = ready.hard_state
         if ready.snapshot is not None:
             storage.apply_snapshot(ready.snapshot)
-        storage.append(ready.entries)
+        if ready.entries:
+            storage.append(ready.entries)
         if ready.hard_state is not None:
             storage.set_hard_state(ready.hard_state)
             self._term = ready.hard_state.term
         if ready.soft_state is not None:
             self._on_soft_state(ready.soft_state.leader, ready.soft_state.role)
-        self._transport.send(ready.messages)
+        if ready.messages and not send_first:
+            self._transport.send(ready.messages)
+            if ready.committed_entries:
+                # Let the peer tasks write (a follower's ack is what the leader waits
+                # for) before applying, which takes the event loop for a while.
+                await asyncio.sleep(0)
         if ready.snapshot is not None:
             self._restore(ready.snapshot.data, ready.snapshot.meta.index)
         for entry in ready.committed_entries:
             self._apply(entry)
+        if self._waiting_followers:
+            for node_id in self._waiting_followers:
+                self._transport.hurry(node_id)
+            self._waiting_followers.clear()
         for read in ready.read_states:
-            if self._probe is not None and read.context == self._probe[0]:
-                self._probe_index = (read.index, self._probe[1])
-                self._probe = None
-                continue
-            waiter = self._read_waiters.get(read.context)
-            if waiter is not None:
-                _settle(waiter, result=read.index)
+            self._on_read_state(read.index, read.context)
         raw.advance(ready)
         self._wake_appliers()
         await self._maybe_snapshot()
+
+    def _on_read_state(self, index: int, context: bytes) -> None:
+        if self._probe is not None and context == self._probe[0]:
+            self._fresh_pending.append((index, self._probe[1]))
+            self._probe = None
+            return
+        waiting = self._read_waiters.get(context)
+        if waiting is not None:
+            done, asked_at = waiting
+            _settle(done, result=index)
+            self._fresh_pending.append((index, asked_at))
 
     def _on_soft_state(self, leader: int, role: Role) -> None:
         if (leader, role) == (self._leader, self._role):
@@ -474,16 +668,22 @@ class RaftLog:
         log.info("node %d: role %s, leader %d", self.node_id, role.name, leader)
         lost = self._leader != leader or (self._role == Role.LEADER and role != Role.LEADER)
         self._leader, self._role = leader, role
+        self._last_proposed = 0  # a new role: nothing of ours is in flight any more
         if lost:
-            # Proposals in flight under the old leader may or may not commit.
+            # Proposals in flight under the old leader may or may not commit; those
+            # still waiting for a leader are not in flight anywhere.
             error = UnavailableError(
                 "leadership changed before the command committed; it may still commit:"
                 " retry with the same request_id"
             )
-            for done in self._pending.values():
-                _settle(done, exception=error)
+            for key, done in self._pending.items():
+                if key not in self._unsubmitted:
+                    _settle(done, exception=error)
             # Reads are only delayed: ask the new leader (their timeout still bounds them).
-            self._reads.extend(c for c, w in self._read_waiters.items() if not w.done())
+            self._reads.extend(c for c, (w, _) in self._read_waiters.items() if not w.done())
+        waiters, self._leader_waiters = self._leader_waiters, []
+        for waiter in waiters:
+            _settle(waiter, result=None)
 
     def _apply(self, entry: Entry) -> None:
         if entry.type == EntryType.NORMAL and len(entry.data) >= _ENVELOPE.size:
@@ -492,6 +692,12 @@ class RaftLog:
             waiter = self._pending.get(key)
             if waiter is not None:
                 _settle(waiter, result=Applied(entry.index, result))
+            elif self._role == Role.LEADER:
+                # A follower's forwarded proposal: that follower answers its client once
+                # it applies the entry, so it must hear of the commit without delay.
+                proposer = _ENVELOPE.unpack_from(entry.data)[1]
+                if proposer != self.node_id:
+                    self._waiting_followers.add(proposer)
         elif entry.type == EntryType.CONF_CHANGE:
             self._apply_conf_change(entry)
         self._applied = entry.index
@@ -516,9 +722,17 @@ class RaftLog:
         self._snapshot_index = index
 
     def _wake_appliers(self) -> None:
-        if self._probe_index is not None and self._applied >= self._probe_index[0]:
-            self._fresh_as_of = max(self._fresh_as_of, self._probe_index[1])
-            self._probe_index = None
+        if self._fresh_pending:
+            still_pending: list[tuple[int, float]] = []
+            for index, asked_at in self._fresh_pending:
+                if self._applied >= index:
+                    self._fresh_as_of = max(self._fresh_as_of, asked_at)
+                else:
+                    still_pending.append((index, asked_at))
+            # Bounded: with nothing applied for a while (no leader), reads keep coming.
+            self._fresh_pending = still_pending[-64:]
+        if not self._apply_waiters:
+            return
         still: list[tuple[int, asyncio.Future[None]]] = []
         for index, done in self._apply_waiters:
             if self._applied >= index:
@@ -586,8 +800,15 @@ class RaftLog:
 
     def fresh_within(self, seconds: float) -> bool:
         """True if this node's applied state is provably at most `seconds` old: it
-        applied the read index of a probe it sent less than `seconds` ago."""
-        return asyncio.get_running_loop().time() - self._fresh_as_of <= seconds
+        applied the read index of a request it made less than `seconds` ago.
+
+        Being asked is what keeps the probes going (see the module docstring): one
+        starts on a tick once the proof is `seconds / 2` old, so it is renewed well
+        before it lapses while reads keep coming."""
+        now = asyncio.get_running_loop().time()
+        self._probe_until = now + self.settings.probe_idle_s
+        self._probe_every = seconds / 2
+        return now - self._fresh_as_of <= seconds
 
     def _check_running(self) -> None:
         if self._failure is not None:
@@ -597,7 +818,8 @@ class RaftLog:
 
     def _not_leader(self, why: str = "") -> UnavailableError:
         address = self.leader_address()
-        return UnavailableError(
+        # LeaderUnreachable: a follower that forwarded here waits for the next leader.
+        return LeaderUnreachable(
             f"node {self.node_id} is not the leader"
             + (f"; the leader is node {self._leader} at {address}" if address else "")
             + (f" ({why})" if why else ""),
@@ -613,7 +835,8 @@ class RaftLog:
     def _fail_all(self, error: BaseException) -> None:
         futures: list[asyncio.Future[Applied] | asyncio.Future[int] | asyncio.Future[None]] = [
             *self._pending.values(),
-            *self._read_waiters.values(),
+            *(done for done, _ in self._read_waiters.values()),
+            *self._leader_waiters,
             *(done for _, done in self._proposals),
             *(done for _, done in self._conf_changes),
             *(done for _, done in self._apply_waiters),

@@ -1,6 +1,6 @@
 """RawNode: the driver's interface to the Raft core (etcd's RawNode), and the Ready contract.
 
-The driver (kmsd/node.py, one asyncio task) feeds the node ticks, peer messages
+The driver (kmsd/log/raft_log.py, one asyncio task) feeds the node ticks, peer messages
 and requests, and processes its output in Ready batches:
 
     if node.has_ready():

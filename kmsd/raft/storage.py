@@ -159,7 +159,10 @@ class MemoryStorage:
             raise ValueError(
                 f"gap: appending index {entries[0].index} after last {self.last_index()}"
             )
-        self._ents = self._ents[:position] + list(entries)
+        # In place: rebuilding the list would copy the whole retained log (thousands
+        # of entries between compactions) on every append.
+        del self._ents[position:]
+        self._ents.extend(entries)
 
     def apply_snapshot(self, snapshot: Snapshot) -> None:
         """Replaces the whole log with `snapshot` (the core asks for this only when the

@@ -2,7 +2,7 @@
 
 A transport delivers outgoing `Message`s to peers (best effort: Raft tolerates
 loss, duplication and reordering), hands incoming ones to its `PeerHandler`, and
-carries two requests a follower makes of the leader: forwarding a proposal.
+carries the one request a follower makes of the leader: forwarding a proposal.
 """
 
 from __future__ import annotations
@@ -10,8 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from kmsd.errors import UnavailableError
 from kmsd.log.raft_disk import Member
 from kmsd.raft import Message
+
+
+class LeaderUnreachable(UnavailableError):
+    """`Transport.forward` could not reach the leader, or it is no longer the leader:
+    gRPC's UNAVAILABLE. The proposal normally did not get there; it may have only if
+    the connection broke mid-call, which the command's request_id covers as it does a
+    client's own retry. The driver waits for a new leader and forwards again."""
+
+
+class Overloaded(UnavailableError):
+    """The leader refused a proposal because too many are queued: shed load, do not
+    wait for another leader."""
 
 
 class PeerHandler(Protocol):
@@ -50,9 +63,15 @@ class Transport(Protocol):
         """Queues messages for their destinations; never blocks, never raises."""
         ...
 
+    def hurry(self, node_id: int) -> None:
+        """Sends what is queued for `node_id` now: it waits for it (a transport may
+        otherwise hold back messages that delay nobody, to batch them)."""
+        ...
+
     async def forward(self, leader_id: int, envelope: bytes, timeout: float) -> int:
         """Asks the leader to propose `envelope`; returns its index. Raises
-        `UnavailableError` if the leader cannot be reached or refuses."""
+        `LeaderUnreachable` if the leader cannot be reached or is no longer the leader,
+        `UnavailableError` for other failures (e.g. a timeout)."""
         ...
 
     async def start(self) -> None: ...

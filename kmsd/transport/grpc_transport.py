@@ -1,20 +1,31 @@
 """Raft over gRPC (`kms.raft.v1.RaftService`) on the node's peer port.
 
 Sending: one queue and one task per peer, so a slow or dead peer never delays the
-others; each task sends its queue in batches with a deadline, and reports the peer
-unreachable to Raft when a batch fails (the batch is dropped: Raft retransmits).
-Snapshots are streamed in chunks by `InstallSnapshot`, with their size and CRC32C
-checked before the receiver hands them to Raft.
+others. The task keeps one long-lived `SendStream` call open to its peer and writes
+what is queued as one `SendRequest` per batch: a message then costs a stream write,
+not a whole unary call (call set-up, headers, a response and the completion hand-offs
+between gRPC's threads and the event loop, ≈ 4× the CPU; see docs/performance.md).
+Raft needs no answer per message: its own responses come back on the stream the peer
+keeps open to us. A write that fails, or stalls for `SEND_TIMEOUT_S` (a black-holed
+link), drops its batch, ends the stream and reports the peer unreachable to Raft
+(which retransmits); the next batch opens a new stream. A peer that does not
+implement `SendStream` (an older version during a rolling upgrade) gets unary `Send`
+calls instead for a while. Snapshots are streamed in chunks by `InstallSnapshot`,
+with their size and CRC32C checked before the receiver hands them to Raft.
 
-Receiving: peer input is untrusted. A message that does not decode, names another
-cluster, or claims a sender that is not a member is dropped and counted, never
-raised into the core.
+Receiving: peer input is untrusted. A batch naming another cluster ends its call; a
+message that does not decode, or claims a sender that is not a member, is dropped and
+counted, never raised into the core (`_accept`, the one place that vets a sender).
+
+Channel creation and port binding are each one method (`_open_channel`, `_bind`), so
+transport security plugs in there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -27,20 +38,75 @@ from kmsd.errors import UnavailableError
 from kmsd.grpc_parsing import parsing_handler
 from kmsd.log.raft_disk import Member
 from kmsd.raft import Message, MessageType
-from kmsd.transport.base import PeerHandler
+from kmsd.transport.base import LeaderUnreachable, Overloaded, PeerHandler
 from kmsd.transport.codec import message_from_proto, message_to_proto
 
 log = logging.getLogger(__name__)
 
 MAX_PEER_MESSAGE_BYTES = 64 * 1024 * 1024
 SNAPSHOT_CHUNK_BYTES = 1024 * 1024
+# A write (or a unary Send) that takes longer means the link is black-holed or the
+# peer stopped reading: give up on the batch and the stream.
 SEND_TIMEOUT_S = 2.0
 MAX_BATCH = 256
+# Entry bytes per SendRequest; well under MAX_PEER_MESSAGE_BYTES (one APPEND carries at
+# most the core's max_size_per_msg, 1 MiB, and always at least one entry).
+MAX_BATCH_BYTES = 8 * 1024 * 1024
 MAX_QUEUE = 8192
+# How long an update that only moves a follower's commit index (an APPEND without
+# entries) may wait for company. The leader sends one to each follower whenever its
+# commit index moves; under load the next APPEND with entries follows within a
+# millisecond or two and carries a newer commit index, so the two leave in one write
+# and the follower handles one batch (one Ready, one ack) instead of two. Delaying a
+# message is always safe in Raft; this one delays no client: the leader answers after
+# its own apply, and a follower waiting for the commit of its own forwarded proposal
+# is sent it at once (`hurry`).
+COALESCE_S = 0.005
+# After a peer answered UNIMPLEMENTED to SendStream, use unary Send this long before
+# trying the stream again (it may have been upgraded meanwhile).
+UNARY_FALLBACK_S = 60.0
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_PEER_MESSAGE_BYTES),
 ]
+# A restarted peer should hear from us within a second, not after gRPC's default
+# reconnect backoff (up to two minutes).
+_CHANNEL_OPTIONS = [
+    *_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_SendStreamCall = grpc.aio.StreamUnaryCall[wire.SendRequest, wire.SendResponse]
+
+
+def _entry_bytes(message: Message) -> int:
+    return sum(len(entry.data) for entry in message.entries)
+
+
+def _commit_only(queue: deque[Message]) -> bool:
+    return all(m.type == MessageType.APPEND and not m.entries for m in queue)
+
+
+def _drop_superseded(batch: list[Message]) -> list[Message]:
+    """Drops each APPEND without entries that a later APPEND of the batch, of the same
+    term, supersedes: the later one carries at least its commit index, and whatever it
+    was probing. To Raft this is a lost message, which it tolerates by design."""
+    kept: list[Message] = []
+    later: Message | None = None
+    for message in reversed(batch):
+        if message.type == MessageType.APPEND:
+            if (
+                not message.entries
+                and later is not None
+                and later.term == message.term
+                and later.commit >= message.commit
+            ):
+                continue
+            later = message
+        kept.append(message)
+    kept.reverse()
+    return kept
 
 
 class _Peer:
@@ -49,40 +115,126 @@ class _Peer:
     def __init__(self, transport: GrpcTransport, member: Member) -> None:
         self.member = member
         self._transport = transport
-        self.channel = grpc.aio.insecure_channel(member.peer_address, options=_OPTIONS)
+        self.channel = transport._open_channel(member.peer_address)
         self.stub = wire_grpc.RaftServiceStub(self.channel)
-        self.queue: asyncio.Queue[Message] = asyncio.Queue(MAX_QUEUE)
+        self._queue: deque[Message] = deque()
+        self._queued = asyncio.Event()
+        self._stream: _SendStreamCall | None = None
+        self._unary_until = float("-inf")
+        self._hurry = False
+        # While only commit updates are queued: until when they wait for company.
+        self.holding_until: float | None = None
         self.task = asyncio.create_task(self._drain(), name=f"raft-send-{member.id}")
 
+    @property
+    def holding(self) -> bool:
+        return self.holding_until is not None
+
     def put(self, message: Message) -> None:
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
+        if len(self._queue) >= MAX_QUEUE:
             self._transport.dropped += 1  # Raft retransmits what matters
+            return
+        self._queue.append(message)
+        self._queued.set()
+
+    def hurry(self) -> None:
+        """Sends what is queued without waiting for company."""
+        self._hurry = True
+        self._queued.set()
 
     async def _drain(self) -> None:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
         while True:
-            first = await self.queue.get()
-            if first.type == MessageType.SNAPSHOT:
-                await self._send_snapshot(first)
+            if not queue:
+                self._queued.clear()
+                await self._queued.wait()
                 continue
-            batch = [first]
-            while len(batch) < MAX_BATCH and not self.queue.empty():
-                message = self.queue.get_nowait()
-                if message.type == MessageType.SNAPSHOT:
-                    await self._send_batch(batch)
-                    batch = []
-                    await self._send_snapshot(message)
+            if queue[0].type == MessageType.SNAPSHOT:
+                await self._send_snapshot(queue.popleft())
+                continue
+            if not self._hurry and _commit_only(queue):
+                if self.holding_until is None:
+                    self.holding_until = loop.time() + COALESCE_S
+                if loop.time() < self.holding_until:
+                    self._queued.clear()
+                    timer = loop.call_at(self.holding_until, self._queued.set)
+                    try:
+                        await self._queued.wait()
+                    finally:
+                        timer.cancel()
                     continue
-                batch.append(message)
-            if batch:
-                await self._send_batch(batch)
+            self.holding_until = None
+            self._hurry = False
+            # Everything queued meanwhile goes in one write: while a write is in flight
+            # the next batch builds up (the transport's own group commit).
+            batch: list[Message] = []
+            size = 0
+            while queue and len(batch) < MAX_BATCH:
+                head = queue[0]
+                if head.type == MessageType.SNAPSHOT:
+                    break
+                size += _entry_bytes(head)
+                if batch and size > MAX_BATCH_BYTES:
+                    break
+                batch.append(queue.popleft())
+            try:
+                await self._send_batch(_drop_superseded(batch) if len(batch) > 1 else batch)
+            except Exception:  # unforeseen: log it, but never stop serving this peer
+                log.exception("sending to node %d failed", self.member.id)
+                self._end_stream()
+                self._transport.handler.report_unreachable(self.member.id)
 
     async def _send_batch(self, batch: list[Message]) -> None:
         request = wire.SendRequest(
             cluster_id=self._transport.cluster_id,
             messages=[message_to_proto(m) for m in batch],
         )
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._unary_until:
+            await self._send_unary(request)
+            return
+        call = self._stream
+        if call is None:
+            call = self._stream = self.stub.SendStream()
+        # A timer rather than asyncio.wait_for: no extra task per write.
+        watchdog = loop.call_later(SEND_TIMEOUT_S, call.cancel)
+        try:
+            await call.write(request)
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being closed
+            code = grpc.StatusCode.DEADLINE_EXCEEDED  # the watchdog ended a stalled write
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            code = await self._status(call)
+        finally:
+            watchdog.cancel()
+        self._end_stream()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            log.info("node %d does not take SendStream; using Send", self.member.id)
+            self._unary_until = loop.time() + UNARY_FALLBACK_S
+            await self._send_unary(request)
+            return
+        log.debug("stream to node %d failed: %s", self.member.id, code.name)
+        self._transport.handler.report_unreachable(self.member.id)
+
+    @staticmethod
+    async def _status(call: _SendStreamCall) -> grpc.StatusCode:
+        if not call.done():
+            return grpc.StatusCode.UNKNOWN
+        try:
+            return await call.code()
+        except asyncio.CancelledError:
+            return grpc.StatusCode.CANCELLED
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    async def _send_unary(self, request: wire.SendRequest) -> None:
         try:
             await self.stub.Send(request, timeout=SEND_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
@@ -104,17 +256,22 @@ class _Peer:
             for start in range(0, len(data), SNAPSHOT_CHUNK_BYTES):
                 yield wire.InstallSnapshotRequest(chunk=data[start : start + SNAPSHOT_CHUNK_BYTES])
 
-        ok = True
+        ok = False
         try:
             await self.stub.InstallSnapshot(parts(), timeout=60)
+            ok = True
         except grpc.aio.AioRpcError as error:
             log.warning("snapshot to node %d failed: %s", self.member.id, error.code().name)
-            ok = False
-        self._transport.handler.report_snapshot(self.member.id, ok)
+        except Exception:  # unforeseen: Raft must still hear how it went
+            log.exception("snapshot to node %d failed", self.member.id)
+        finally:
+            # Raft keeps the follower in snapshot state until told, whatever happened.
+            self._transport.handler.report_snapshot(self.member.id, ok)
 
     async def close(self) -> None:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        self._end_stream()
         await self.channel.close()
 
 
@@ -136,6 +293,16 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
     def handler(self) -> PeerHandler:
         assert self._handler is not None
         return self._handler
+
+    # -- the two network seams (transport security plugs in here) ----------------------
+
+    def _open_channel(self, address: str) -> grpc.aio.Channel:
+        """The channel to a peer's Raft port."""
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+    def _bind(self, server: grpc.aio.Server, listen: str) -> int:
+        """Adds the listening port; returns its number (0 if it could not be bound)."""
+        return server.add_insecure_port(listen)
 
     # -- Transport ------------------------------------------------------------------
 
@@ -166,6 +333,11 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
             else:
                 peer.put(message)
 
+    def hurry(self, node_id: int) -> None:
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.hurry()
+
     async def forward(self, leader_id: int, envelope: bytes, timeout: float) -> int:
         peer = self._peers.get(leader_id)
         if peer is None:
@@ -176,16 +348,20 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
                 timeout=timeout,
             )
         except grpc.aio.AioRpcError as error:
-            raise UnavailableError(
-                f"forwarding to the leader (node {leader_id}) failed: {error.details()}"
-            ) from None
+            why = f"forwarding to the leader (node {leader_id}) failed: {error.details()}"
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                # Connection refused or reset, or the node said it is not the leader.
+                raise LeaderUnreachable(why) from None
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Overloaded(why, retry_after_seconds=0.5) from None
+            raise UnavailableError(why) from None
         return response.index
 
     async def start(self) -> None:
         server = grpc.aio.server(options=_OPTIONS)
         service = wire.DESCRIPTOR.services_by_name["RaftService"]
         server.add_generic_rpc_handlers((parsing_handler(service, wire, self, self._bad_request),))
-        self.port = server.add_insecure_port(self.listen)
+        self.port = self._bind(server, self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()
@@ -206,7 +382,13 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         self.dropped += 1
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}")
 
-    def _accept(self, proto: wire.Message, data: bytes | None = None) -> Message | None:
+    def _accept(
+        self, proto: wire.Message, context: grpc.aio.ServicerContext[Any, Any], data: bytes = b""
+    ) -> Message | None:
+        """The peer message `proto` as a core Message, or None (dropped and counted) if
+        it does not decode or its sender may not send it. Every peer message passes here,
+        with the call it came on (`context`: whose identity a sender must match)."""
+        del context  # no authenticated peer identity yet (plaintext peer port)
         try:
             message = message_from_proto(proto, data)
         except ValueError:
@@ -222,24 +404,43 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
             return None
         return message
 
-    async def Send(
-        self, request: wire.SendRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> wire.SendResponse:
-        if request.cluster_id != self.cluster_id:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
+    def _deliver(
+        self, request: wire.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        handler = self.handler
         for proto in request.messages:
             if proto.type == wire.MESSAGE_TYPE_SNAPSHOT:
                 self.dropped += 1  # snapshots only travel through InstallSnapshot
                 continue
-            message = self._accept(proto)
+            message = self._accept(proto, context)
             if message is not None:
-                self.handler.receive(message)
+                handler.receive(message)
+
+    async def Send(
+        self, request: wire.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> wire.SendResponse:
+        if request.cluster_id != self.cluster_id:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
+        self._deliver(request, context)
+        return wire.SendResponse()
+
+    async def SendStream(
+        self,
+        request_iterator: AsyncIterator[wire.SendRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> wire.SendResponse:
+        # A request that does not parse ends the call (parsing_handler counts it), as
+        # does one naming another cluster; the sender opens a new stream.
+        async for request in request_iterator:
+            if request.cluster_id != self.cluster_id:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
+            self._deliver(request, context)
         return wire.SendResponse()
 
     async def InstallSnapshot(
         self,
         request_iterator: AsyncIterator[wire.InstallSnapshotRequest],
-        context: grpc.aio.ServicerContext[object, object],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> wire.InstallSnapshotResponse:
         header: wire.SnapshotHeader | None = None
         chunks: list[bytes] = []
@@ -262,7 +463,7 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         data = b"".join(chunks)
         if len(data) != header.size or google_crc32c.value(data) != header.crc32c:
             await context.abort(grpc.StatusCode.DATA_LOSS, "snapshot size or CRC mismatch")
-        message = self._accept(header.message, data)
+        message = self._accept(header.message, context, data)
         if message is None or message.type != MessageType.SNAPSHOT or message.snapshot is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a snapshot message")
         assert message is not None
@@ -270,12 +471,14 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         return wire.InstallSnapshotResponse()
 
     async def Propose(
-        self, request: wire.ProposeRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: wire.ProposeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wire.ProposeResponse:
         if request.cluster_id != self.cluster_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
         try:
             index = await self.handler.accept_forwarded(request.command)
+        except Overloaded as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.message)
         except UnavailableError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         return wire.ProposeResponse(index=index)

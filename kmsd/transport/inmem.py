@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
-from kmsd.errors import UnavailableError
 from kmsd.log.raft_disk import Member
 from kmsd.raft import Message, MessageType
-from kmsd.transport.base import PeerHandler
+from kmsd.transport.base import LeaderUnreachable, PeerHandler
 
 
 class InMemoryNetwork:
@@ -55,7 +54,7 @@ class InMemoryNetwork:
 
     async def forward(self, src: int, dst: int, envelope: bytes) -> int:
         if not self.linked(src, dst):
-            raise UnavailableError(f"node {dst} is unreachable")
+            raise LeaderUnreachable(f"node {dst} is unreachable")
         return await self._handlers[dst].accept_forwarded(envelope)
 
 
@@ -77,6 +76,9 @@ class InMemoryTransport:
         loop = asyncio.get_running_loop()
         for message in messages:
             loop.call_soon(self._network.deliver, message)
+
+    def hurry(self, node_id: int) -> None:
+        del node_id  # nothing is ever held back
 
     async def forward(self, leader_id: int, envelope: bytes, timeout: float) -> int:
         return await asyncio.wait_for(

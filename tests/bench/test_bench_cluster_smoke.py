@@ -1,4 +1,5 @@
-"""Smoke test of the cluster benchmark: a tiny run completes and reports every figure.
+"""Smoke test of the cluster benchmark: a tiny run completes and reports every figure
+(the --single-node comparison included).
 
 No timing assertions: on a shared 2-core machine a 0.3 s round or one failover trial
 means nothing; this only checks that both clusters start, the load generator, the
@@ -30,7 +31,7 @@ def test_quick_run_prints_a_ratio_per_concurrency_and_the_failover_line(tmp_path
             sys.executable, "-m", "bench.cluster", "--quick", "--duration", "0.3",
             "--warmup", "0.1", "--rounds", "1", "--trials", "1", "--writers", "4",
             "--fsync-seconds", "0.2", "--concurrency", *map(str, CONCURRENCY),
-            "--workdir", str(tmp_path), "--json", str(json_path), "--quiet",
+            "--workdir", str(tmp_path), "--json", str(json_path), "--quiet", "--single-node",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -47,10 +48,12 @@ def test_quick_run_prints_a_ratio_per_concurrency_and_the_failover_line(tmp_path
     failover = [line for line in out.splitlines() if line.startswith("failover: 1 trial(s)")]
     assert failover and "first successful write" in failover[0], out
     assert "failed client calls: writes" in failover[0], out
+    assert "| kmsd 1 node writes/s |" in out, out  # --single-node: the unreplicated ceiling
     report = json.loads(json_path.read_text())
     assert [r["concurrency"] for r in report["throughput"]] == list(CONCURRENCY)
     for row in report["throughput"]:
-        for target in ("kmsd", "etcd"):
+        for target in ("kmsd", "etcd", "kmsd-1"):
             assert row["median"][target]["ops_per_s"] > 0
+        assert row["single_ratio"] > 0
     assert len(report["failover"]) == 1
     assert not list(tmp_path.glob("kmsd-bench-cluster-*")), "the data directory was not removed"

@@ -188,7 +188,7 @@ Global___Message: _TypeAlias = Message  # noqa: Y015
 
 @_typing.final
 class SendRequest(_message.Message):
-    """A batch of messages from one peer."""
+    """A batch of messages from one peer (a Send, or one write of a SendStream)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -216,7 +216,7 @@ Global___SendRequest: _TypeAlias = SendRequest  # noqa: Y015
 
 @_typing.final
 class SendResponse(_message.Message):
-    """Empty: delivery is best effort."""
+    """Empty: delivery is best effort (a SendStream answers it when the stream ends)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

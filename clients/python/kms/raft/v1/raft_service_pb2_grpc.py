@@ -40,6 +40,11 @@ class RaftServiceStub:
                 request_serializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.SerializeToString,
                 response_deserializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.SendStream = channel.stream_unary(
+                '/kms.raft.v1.RaftService/SendStream',
+                request_serializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.SerializeToString,
+                response_deserializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.FromString,
+                _registered_method=True)
         self.InstallSnapshot = channel.stream_unary(
                 '/kms.raft.v1.RaftService/InstallSnapshot',
                 request_serializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.InstallSnapshotRequest.SerializeToString,
@@ -59,6 +64,19 @@ class RaftServiceServicer:
     def Send(self, request, context):
         """Delivers a batch of Raft messages from one peer to this node. Best effort:
         Raft tolerates loss, so the call returns once they are queued, not handled.
+        A node uses it only with a peer that does not implement SendStream (an older
+        version, during a rolling upgrade).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendStream(self, request_iterator, context):
+        """Delivers batches of Raft messages from one peer to this node over one long-lived
+        stream: each node keeps one open to every peer and writes a SendRequest per batch,
+        so a message costs no call set-up. Best effort like Send; the stream ends only when
+        the sender closes it (or it breaks), and the sender then opens a new one. Each
+        SendRequest is checked like a Send; one naming another cluster ends the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +102,11 @@ def add_RaftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Send': grpc.unary_unary_rpc_method_handler(
                     servicer.Send,
+                    request_deserializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.FromString,
+                    response_serializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.SerializeToString,
+            ),
+            'SendStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendStream,
                     request_deserializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.FromString,
                     response_serializer=kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.SerializeToString,
             ),
@@ -124,6 +147,33 @@ class RaftService:
             request,
             target,
             '/kms.raft.v1.RaftService/Send',
+            kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.SerializeToString,
+            kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kms.raft.v1.RaftService/SendStream',
             kms_dot_raft_dot_v1_dot_raft__service__pb2.SendRequest.SerializeToString,
             kms_dot_raft_dot_v1_dot_raft__service__pb2.SendResponse.FromString,
             options,

@@ -39,6 +39,15 @@ class RaftServiceStub:
     Send: _grpc.UnaryUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]
     """Delivers a batch of Raft messages from one peer to this node. Best effort:
     Raft tolerates loss, so the call returns once they are queued, not handled.
+    A node uses it only with a peer that does not implement SendStream (an older
+    version, during a rolling upgrade).
+    """
+    SendStream: _grpc.StreamUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]
+    """Delivers batches of Raft messages from one peer to this node over one long-lived
+    stream: each node keeps one open to every peer and writes a SendRequest per batch,
+    so a message costs no call set-up. Best effort like Send; the stream ends only when
+    the sender closes it (or it breaks), and the sender then opens a new one. Each
+    SendRequest is checked like a Send; one naming another cluster ends the stream.
     """
     InstallSnapshot: _grpc.StreamUnaryMultiCallable[_raft_service_pb2.InstallSnapshotRequest, _raft_service_pb2.InstallSnapshotResponse]
     """Streams a snapshot to this node: a header, then data chunks, in order."""
@@ -55,6 +64,15 @@ class RaftServiceAsyncStub(RaftServiceStub):
     Send: _aio.UnaryUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]  # type: ignore[assignment]
     """Delivers a batch of Raft messages from one peer to this node. Best effort:
     Raft tolerates loss, so the call returns once they are queued, not handled.
+    A node uses it only with a peer that does not implement SendStream (an older
+    version, during a rolling upgrade).
+    """
+    SendStream: _aio.StreamUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]  # type: ignore[assignment]
+    """Delivers batches of Raft messages from one peer to this node over one long-lived
+    stream: each node keeps one open to every peer and writes a SendRequest per batch,
+    so a message costs no call set-up. Best effort like Send; the stream ends only when
+    the sender closes it (or it breaks), and the sender then opens a new one. Each
+    SendRequest is checked like a Send; one naming another cluster ends the stream.
     """
     InstallSnapshot: _aio.StreamUnaryMultiCallable[_raft_service_pb2.InstallSnapshotRequest, _raft_service_pb2.InstallSnapshotResponse]  # type: ignore[assignment]
     """Streams a snapshot to this node: a header, then data chunks, in order."""
@@ -74,6 +92,21 @@ class RaftServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_raft_service_pb2.SendResponse, _abc.Awaitable[_raft_service_pb2.SendResponse]]:
         """Delivers a batch of Raft messages from one peer to this node. Best effort:
         Raft tolerates loss, so the call returns once they are queued, not handled.
+        A node uses it only with a peer that does not implement SendStream (an older
+        version, during a rolling upgrade).
+        """
+
+    @_abc_1.abstractmethod
+    def SendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_raft_service_pb2.SendRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_raft_service_pb2.SendResponse, _abc.Awaitable[_raft_service_pb2.SendResponse]]:
+        """Delivers batches of Raft messages from one peer to this node over one long-lived
+        stream: each node keeps one open to every peer and writes a SendRequest per batch,
+        so a message costs no call set-up. Best effort like Send; the stream ends only when
+        the sender closes it (or it breaks), and the sender then opens a new one. Each
+        SendRequest is checked like a Send; one naming another cluster ends the stream.
         """
 
     @_abc_1.abstractmethod
