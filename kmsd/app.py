@@ -199,8 +199,9 @@ class Node:
             return single
         members = [Member(m.id, m.peer_address, m.client_address) for m in config.members]
         self.peer_tls = PeerTls.from_config(config)
-        # TODO(coordinator): pass peer_tls to GrpcTransport (until then peers speak plaintext).
-        self.transport = GrpcTransport(config.node_id, config.peer_listen, config.cluster_id)
+        self.transport = GrpcTransport(
+            config.node_id, config.peer_listen, config.cluster_id, self.peer_tls
+        )
         return RaftLog(
             config.node_id,
             config.data_dir / "raft",

@@ -17,8 +17,14 @@ Receiving: peer input is untrusted. A batch naming another cluster ends its call
 message that does not decode, or claims a sender that is not a member, is dropped and
 counted, never raised into the core (`_accept`, the one place that vets a sender).
 
-Channel creation and port binding are each one method (`_open_channel`, `_bind`), so
-transport security plugs in there.
+Security: with a `PeerSecurity` (mutual TLS, kmsd.auth.tls.PeerTls) every channel and
+the listening port use the node's certificate, and a call's peer certificate names the
+node it comes from: a message whose sender is not that node is dropped, and a call
+from a certificate that is no member's (a client's, another cluster's) is refused
+with PERMISSION_DENIED, forwarded proposals and snapshots included. Replaced
+certificate files take effect for new channels: when they change, the channels to
+peers are rebuilt. Without it (the loopback-only plaintext mode) any member id is
+believed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import google_crc32c
 import grpc
@@ -275,11 +281,38 @@ class _Peer:
         await self.channel.close()
 
 
+class PeerSecurity(Protocol):
+    """Mutual TLS between the nodes (implemented by kmsd.auth.tls.PeerTls)."""
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the certificate files were replaced."""
+        ...
+
+    def channel(
+        self, address: str, options: Sequence[tuple[str, Any]] | None = None
+    ) -> grpc.aio.Channel: ...
+
+    def add_port(self, server: grpc.aio.Server, listen: str) -> int: ...
+
+    def node_id_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> int | None:
+        """The member id the caller's certificate names, or None."""
+        ...
+
+
+# `_sender_of` for a plaintext peer port: any member id is believed.
+_UNAUTHENTICATED = 0
+
+
 class GrpcTransport(wire_grpc.RaftServiceServicer):
     """A node's Raft traffic over gRPC; see the module docstring."""
 
-    def __init__(self, node_id: int, listen: str, cluster_id: str) -> None:
+    def __init__(
+        self, node_id: int, listen: str, cluster_id: str, security: PeerSecurity | None = None
+    ) -> None:
         self.node_id = node_id
+        self.security = security
+        self._generation = security.generation if security is not None else 0
         self.listen = listen
         self.cluster_id = cluster_id
         self.port = 0
@@ -298,11 +331,45 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
 
     def _open_channel(self, address: str) -> grpc.aio.Channel:
         """The channel to a peer's Raft port."""
+        if self.security is not None:
+            return self.security.channel(address, _CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
 
     def _bind(self, server: grpc.aio.Server, listen: str) -> int:
         """Adds the listening port; returns its number (0 if it could not be bound)."""
+        if self.security is not None:
+            return self.security.add_port(server, listen)
         return server.add_insecure_port(listen)
+
+    def _refresh_channels(self) -> None:
+        """Rebuilds the channels to peers after the certificate files were replaced, so
+        new connections present the new certificate."""
+        if self.security is None or self._server is None:
+            return
+        generation = self.security.generation
+        if generation == self._generation:
+            return
+        self._generation = generation
+        log.info("peer certificates replaced: reconnecting to peers with the new ones")
+        for node_id in list(self._peers):
+            asyncio.create_task(self._peers.pop(node_id).close())
+        self.set_members(self._members)
+
+    async def _sender_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> int:
+        """The member id the caller's certificate proves (`_UNAUTHENTICATED` on a
+        plaintext port); aborts the call with PERMISSION_DENIED for a certificate that
+        is no member's."""
+        if self.security is None:
+            return _UNAUTHENTICATED
+        node_id = self.security.node_id_of(context)
+        if node_id is None or node_id == self.node_id or node_id not in self._members:
+            self.dropped += 1
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the peer certificate does not name a member of this cluster",
+            )
+        assert node_id is not None
+        return node_id
 
     # -- Transport ------------------------------------------------------------------
 
@@ -322,6 +389,7 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
                 self._peers[node_id] = _Peer(self, member)
 
     def send(self, messages: Sequence[Message]) -> None:
+        self._refresh_channels()
         for message in messages:
             peer = self._peers.get(message.dst)
             if peer is None:
@@ -382,13 +450,10 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         self.dropped += 1
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid {name}")
 
-    def _accept(
-        self, proto: wire.Message, context: grpc.aio.ServicerContext[Any, Any], data: bytes = b""
-    ) -> Message | None:
+    def _accept(self, proto: wire.Message, sender: int, data: bytes = b"") -> Message | None:
         """The peer message `proto` as a core Message, or None (dropped and counted) if
         it does not decode or its sender may not send it. Every peer message passes here,
-        with the call it came on (`context`: whose identity a sender must match)."""
-        del context  # no authenticated peer identity yet (plaintext peer port)
+        with the member id its call's certificate proves (`sender`, from `_sender_of`)."""
         try:
             message = message_from_proto(proto, data)
         except ValueError:
@@ -402,26 +467,28 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         if message.src not in self._members:
             self.dropped += 1
             return None
+        if sender != _UNAUTHENTICATED and message.src != sender:
+            self.dropped += 1  # a member speaking for another one
+            return None
         return message
 
-    def _deliver(
-        self, request: wire.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    def _deliver(self, request: wire.SendRequest, sender: int) -> None:
         handler = self.handler
         for proto in request.messages:
             if proto.type == wire.MESSAGE_TYPE_SNAPSHOT:
                 self.dropped += 1  # snapshots only travel through InstallSnapshot
                 continue
-            message = self._accept(proto, context)
+            message = self._accept(proto, sender)
             if message is not None:
                 handler.receive(message)
 
     async def Send(
         self, request: wire.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wire.SendResponse:
+        sender = await self._sender_of(context)
         if request.cluster_id != self.cluster_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
-        self._deliver(request, context)
+        self._deliver(request, sender)
         return wire.SendResponse()
 
     async def SendStream(
@@ -431,10 +498,11 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
     ) -> wire.SendResponse:
         # A request that does not parse ends the call (parsing_handler counts it), as
         # does one naming another cluster; the sender opens a new stream.
+        sender = await self._sender_of(context)
         async for request in request_iterator:
             if request.cluster_id != self.cluster_id:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
-            self._deliver(request, context)
+            self._deliver(request, sender)
         return wire.SendResponse()
 
     async def InstallSnapshot(
@@ -442,6 +510,7 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         request_iterator: AsyncIterator[wire.InstallSnapshotRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> wire.InstallSnapshotResponse:
+        sender = await self._sender_of(context)
         header: wire.SnapshotHeader | None = None
         chunks: list[bytes] = []
         received = 0
@@ -463,7 +532,7 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         data = b"".join(chunks)
         if len(data) != header.size or google_crc32c.value(data) != header.crc32c:
             await context.abort(grpc.StatusCode.DATA_LOSS, "snapshot size or CRC mismatch")
-        message = self._accept(header.message, context, data)
+        message = self._accept(header.message, sender, data)
         if message is None or message.type != MessageType.SNAPSHOT or message.snapshot is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a snapshot message")
         assert message is not None
@@ -473,6 +542,8 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
     async def Propose(
         self, request: wire.ProposeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wire.ProposeResponse:
+        # Only members may forward commands (a command carries its caller's principal).
+        await self._sender_of(context)
         if request.cluster_id != self.cluster_id:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong cluster id")
         try:

@@ -1,5 +1,7 @@
-"""Malformed and out-of-term Raft peer traffic is refused without harm: the cluster
-keeps its leader, keeps serving, and no node crashes or logs a traceback."""
+"""Malformed, out-of-term and impersonating Raft peer traffic is refused without harm:
+the cluster keeps its leader, keeps serving, and no node crashes or logs a traceback.
+The peer port is mutual TLS: only a member's certificate gets in, and a member may
+only speak for itself."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from kms_client.cluster import ClusterClient
+from kmsd.auth import certs
 from kmsd_process import KmsdProcess
 
 SEED = 20261128
@@ -35,9 +38,8 @@ def _peer_addresses(cluster: KmsdProcess) -> list[str]:
 
 def _random_message(rng: random.Random) -> wire.Message:
     """Garbage, or a message from a non-member (any term), or a stale one from a member
-    (terms 0 and 1 are over once the founding cluster elected its first leader). A
-    well-formed, current message from a member is indistinguishable from the member
-    itself until peers authenticate with mTLS, so it is not part of this test."""
+    (terms 0 and 1 are over once the founding cluster elected its first leader).
+    Current messages claiming another member are `test_a_member_cannot_speak_for_another`."""
     sender = rng.choice([0, 1, 2, 3, 7, 2**64 - 1])
     member = sender in (1, 2, 3)
     message = wire.Message(
@@ -66,15 +68,74 @@ def _random_message(rng: random.Random) -> wire.Message:
     return message
 
 
+def _channel_as(cluster: KmsdProcess, address: str, files: certs.CertFiles) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=cluster.ca_path.read_bytes(),
+        private_key=files.key.read_bytes(),
+        certificate_chain=files.cert.read_bytes(),
+    )
+    return grpc.secure_channel(address, credentials)
+
+
+def test_the_peer_port_admits_only_member_certificates(cluster: KmsdProcess) -> None:
+    address = _peer_addresses(cluster)[0]
+    request = wire.SendRequest(cluster_id="kmsd-dev")
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as plain:
+        wire_grpc.RaftServiceStub(channel).Send(request, timeout=5)
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE  # no TLS handshake
+    # A client certificate from the same CA is a caller, not a peer.
+    with _channel_as(cluster, address, certs.client_files(cluster.tls_dir, "admin")) as channel:
+        stub = wire_grpc.RaftServiceStub(channel)
+        for call in (
+            lambda: stub.Send(request, timeout=5),
+            lambda: stub.Propose(wire.ProposeRequest(cluster_id="kmsd-dev"), timeout=5),
+            lambda: stub.SendStream(iter([request]), timeout=5),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A node's own certificate presented back to it is not a peer either.
+    with _channel_as(cluster, address, certs.node_files(cluster.tls_dir, 1)) as channel:
+        with pytest.raises(grpc.RpcError) as itself:
+            wire_grpc.RaftServiceStub(channel).Send(request, timeout=5)
+        assert itself.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_member_cannot_speak_for_another(cluster: KmsdProcess) -> None:
+    """Member j, with its own certificate, tells follower i "campaign now" in the
+    leader's name (TIMEOUT_NOW, the current term). Believed, it would start an
+    election; the sender check drops it."""
+    with ClusterClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+        before = client.node_status(cluster.endpoint)
+    leader = before.leader_id
+    target, insider = [n for n in (1, 2, 3) if n != leader]
+    forged = wire.Message(type=wire.MESSAGE_TYPE_TIMEOUT_NOW, to=target, term=before.term)
+    setattr(forged, "from", leader)
+    address = _peer_addresses(cluster)[target - 1]
+    with _channel_as(cluster, address, certs.node_files(cluster.tls_dir, insider)) as channel:
+        wire_grpc.RaftServiceStub(channel).Send(
+            wire.SendRequest(cluster_id="kmsd-dev", messages=[forged]), timeout=5
+        )
+    # A write through the target commits after the forged message was handled.
+    with cluster.channel(cluster.endpoints[target - 1]) as channel:
+        made = pb_grpc.KeyManagementServiceStub(channel).CreateKey(
+            pb.CreateKeyRequest(description="after the forgery")
+        )
+    with ClusterClient(cluster.endpoints, tls=cluster.tls_files()) as client:
+        after = [client.node_status(e) for e in cluster.endpoints]
+    assert all(s.term == before.term and s.leader_id == leader for s in after)
+    assert made.commit_index > 0
+
+
 def test_random_peer_messages_do_no_harm(cluster: KmsdProcess) -> None:
     print(f"peer fuzz seed={SEED}")
     rng = random.Random(SEED)
     with ClusterClient(cluster.endpoints, tls=cluster.tls_files()) as client:
         before = client.node_status(cluster.endpoint)
-    for address in _peer_addresses(cluster):
-        # TODO(coordinator): once the peer port is mutual TLS, connect with a node's
-        # certificate (PeerTls.sync_channel) here.
-        with grpc.insecure_channel(address) as channel:
+    for position, address in enumerate(_peer_addresses(cluster)):
+        # As another member (its certificate): what gets past the TLS handshake.
+        insider = (position + 1) % 3 + 1
+        with _channel_as(cluster, address, certs.node_files(cluster.tls_dir, insider)) as channel:
             stub = wire_grpc.RaftServiceStub(channel)
             for _ in range(150):
                 request = wire.SendRequest(
