@@ -2,10 +2,11 @@
 
 While the suite runs, every synchronous gRPC channel a test opens (directly, through
 the harness or through `KmsClient`) carries a recording interceptor: each
-`plaintext` sent to kmsd (Encrypt, ReEncrypt inputs) or received from it (Decrypt
-results, data keys, GenerateRandom bytes) is remembered. In-process servers' log
-records go to a file under the session's temporary directory. When the session
-ends, every log file (`*.log`, kmsd stderr captures) and audit file
+`plaintext` sent to kmsd (Encrypt inputs) or received from it (Decrypt results, data
+keys, GenerateRandom bytes) is remembered, unless it is too short or too repetitive
+to tell from ordinary text. In-process servers' log records go to a file under the
+session's temporary directory. When the session ends, every log file (`*.log` but
+not write-ahead logs, kmsd stderr captures) and audit file
 (`audit-*.jsonl`) under that directory is searched for each secret in raw, hex and
 base64 form, and for every root key (file seals) and TLS private key the suite made.
 A hit fails the run and names the file.
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 # Shorter byte strings could match log text by chance ("hello" in a word).
 MIN_SECRET_BYTES = 16
+MIN_DISTINCT_BYTES = 8
 _SEAL_FILE = re.compile(rb"^kmsd-file-seal-v1\n([0-9a-f]{64})\n$")
 _PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\n.+?\n-----END \1", re.S)
 
@@ -39,7 +41,12 @@ class SecretRecorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
     def _take(self, message: Any) -> None:
         value = getattr(message, "plaintext", None)
-        if isinstance(value, bytes) and len(value) >= MIN_SECRET_BYTES:
+        # Repetitive test inputs (b"x" * 20) are no secret and would match any such run.
+        if (
+            isinstance(value, bytes)
+            and len(value) >= MIN_SECRET_BYTES
+            and len(set(value)) >= MIN_DISTINCT_BYTES
+        ):
             self.secrets.add(value)
 
     def intercept_unary_unary(
@@ -66,8 +73,10 @@ def _forms(secret: bytes) -> Iterator[bytes]:
 def _scanned_files(root: Path) -> Iterator[Path]:
     for path in root.rglob("*"):
         name = path.name
+        # wal-*.log are write-ahead logs (data, not log lines: wrapped material only).
         if path.is_file() and (
-            name.endswith(".log") or (name.startswith("audit-") and name.endswith(".jsonl"))
+            (name.endswith(".log") and not name.startswith("wal-"))
+            or (name.startswith("audit-") and name.endswith(".jsonl"))
         ):
             yield path
 

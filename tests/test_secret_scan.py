@@ -60,3 +60,9 @@ def test_root_keys_and_tls_private_keys_made_by_the_suite_are_searched_for(plant
     leaks = find_leaks(planted, set())
     assert any("root key" in leak for leak in leaks)
     assert any("TLS private key" in leak for leak in leaks)
+
+
+def test_write_ahead_logs_are_data_not_log_lines(planted: Path) -> None:
+    secret = os.urandom(32)
+    (planted / "wal-0000000000000001.log").write_bytes(secret)
+    assert find_leaks(planted, {secret}) == []
