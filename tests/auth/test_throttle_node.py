@@ -24,14 +24,14 @@ from kmsd.config import config_from_dict
 BURST = 3
 
 
-def _config(data_dir: Path) -> Any:
+def _config(data_dir: Path, rate: float = 0.01) -> Any:
     return config_from_dict(
         {
             "node": {"data_dir": str(data_dir), "listen": "127.0.0.1:0"},
             "tls": {"plaintext": True},
             "auth": {"administrators": ["anonymous"]},
-            # One token per 100 s: nothing refills while the test runs.
-            "limits": {"requests_per_second": 0.01, "burst": BURST},
+            # By default one token per 100 s: nothing refills while the test runs.
+            "limits": {"requests_per_second": rate, "burst": BURST},
         }
     )
 
@@ -70,7 +70,7 @@ def test_a_caller_past_its_burst_is_throttled_with_retry_info_and_audited(
             assert details["ErrorInfo"].metadata["aws_exception"] == "ThrottlingException"
             assert details["RetryInfo"].retry_delay.seconds >= 1
 
-            # The client library names it, and does not hammer the node with retries.
+            # The client library names it, and does not wait 100 s to retry.
             def sync_call() -> None:
                 with (
                     KmsClient([f"127.0.0.1:{node.port}"], plaintext=True) as client,
@@ -101,3 +101,30 @@ def test_limits_are_validated_naming_the_option(tmp_path: Path) -> None:
         config_from_dict({**base, "limits": {"burst": 0}})
     with pytest.raises(ConfigError, match=r"\[limits\]\.requests_per_second"):
         config_from_dict({**base, "limits": {"requests_per_second": -1}})
+
+
+def test_the_client_waits_out_a_short_throttle_and_succeeds(tmp_path: Path) -> None:
+    async def main() -> None:
+        node = Node(_config(tmp_path / "node", rate=5.0))  # a token every 200 ms
+        await node.start()
+        try:
+
+            def sync_calls() -> None:
+                with KmsClient([f"127.0.0.1:{node.port}"], plaintext=True) as client:
+                    for _ in range(BURST + 2):
+                        assert len(client.generate_random(8).plaintext) == 8
+
+            await asyncio.to_thread(sync_calls)
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+    records = [
+        json.loads(line)
+        for path in audit_files(tmp_path / "node" / "audit")
+        for line in path.read_bytes().splitlines()
+    ]
+    calls = [r for r in records if r["operation"] == "GenerateRandom"]
+    throttled = [r for r in calls if r["outcome"] == "error"]
+    assert throttled and all(r["error_reason"] == "THROTTLING" for r in throttled)
+    assert sum(r["outcome"] == "ok" for r in calls) == BURST + 2

@@ -5,10 +5,12 @@ What this module owns:
 * one gRPC channel per kmsd node (mutual TLS with `tls=TlsFiles(ca, cert, key)`;
   plaintext only when asked for with `plaintext=True`), created lazily and closed
   by `close()`;
-* the retry policy: only UNAVAILABLE is retried (it is what kmsd returns when it
-  has no quorum or no reachable leader, and what gRPC returns for a dead node),
-  with exponential backoff and jitter, never shorter than the server's RetryInfo,
-  moving to the next node (or to the leader a follower named) on each retry;
+* the retry policy: UNAVAILABLE is retried (it is what kmsd returns when it has no
+  quorum or no reachable leader, and what gRPC returns for a dead node), with
+  exponential backoff and jitter, never shorter than the server's RetryInfo, moving
+  to the next node (or to the leader a follower named) on each retry;
+  ThrottlingException is retried on the same node after the delay its RetryInfo
+  names, when that delay is at most `max_backoff` (a longer one is raised at once);
 * idempotency: every mutating call carries a fresh uuid4 `request_id` unless the
   caller gives one, and the same request (so the same id) is sent on every retry,
   so kmsd applies it at most once even across a leader change. A mutating call
@@ -33,7 +35,7 @@ from kms.v1 import resources_pb2 as res
 
 from kms_client import envelope
 from kms_client._enums import enum_value
-from kms_client.errors import KmsClientError, from_rpc_error
+from kms_client.errors import KmsClientError, ThrottlingException, from_rpc_error
 from kms_client.tls import TlsFiles, channel_credentials
 
 _Req = TypeVar("_Req")
@@ -204,11 +206,15 @@ class KmsClient:
                 )
             except grpc.RpcError as rpc_error:
                 err = from_rpc_error(rpc_error)
-                if (
-                    err.code != grpc.StatusCode.UNAVAILABLE
-                    or not retryable
-                    or attempt >= self._max_attempts
-                ):
+                if not retryable or attempt >= self._max_attempts:
+                    raise err from rpc_error
+                if isinstance(err, ThrottlingException):
+                    # The node's limit for this caller: wait as told, on the same node.
+                    if err.retry_after is None or err.retry_after > self._max_backoff:
+                        raise err from rpc_error
+                    self._sleep(self._backoff(attempt, err.retry_after))
+                    continue
+                if err.code != grpc.StatusCode.UNAVAILABLE:
                     raise err from rpc_error
             self._fail_over(endpoint, err.leader_address)
             self._sleep(self._backoff(attempt, err.retry_after))
