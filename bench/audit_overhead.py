@@ -46,6 +46,7 @@ from bench.data_plane import (
     Call,
     RoundResult,
     _calls,
+    _raise_system_exit,
     machine,
     measure,
     process_tree,
@@ -220,10 +221,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency values must be >= 1")
     return args
-
-
-def _raise_system_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

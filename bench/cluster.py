@@ -70,6 +70,7 @@ from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from bench.cluster_etcd import EtcdCluster, EtcdUnavailable, ensure_etcd, etcd_stubs
 from bench.cluster_kmsd import KmsdCluster
 from bench.cluster_procs import Children, cpu_seconds
+from bench.data_plane import _percentile, _raise_system_exit
 from kms_client import KmsClient, KmsClientError
 
 __all__ = ["GOAL_FAILOVER_S", "GOAL_RATIO", "main"]
@@ -210,13 +211,6 @@ class Row:
         """Writes/s of one unreplicated kmsd node over etcd's puts/s (--single-node)."""
         etcd = self.median("etcd", "ops_per_s")
         return self.median(SINGLE, "ops_per_s") / etcd if etcd else math.nan
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (q in 0..1); NaN if empty."""
-    if not ordered:
-        return math.nan
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _cpu(pids: list[int]) -> float:
@@ -876,10 +870,6 @@ class _Alarm(BaseException):
 
 def _on_alarm(_signum: int, _frame: object) -> None:
     raise _Alarm
-
-
-def _raise_system_exit(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:

@@ -14,28 +14,17 @@ import ctypes.util
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from kmsd.dev_cluster import free_ports
+
 __all__ = ["Child", "Children", "cpu_seconds", "free_ports"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports the kernel says are free now (another process could still take one)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def cpu_seconds(pid: int) -> float:

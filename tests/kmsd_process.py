@@ -25,7 +25,7 @@ import grpc
 from kms.v1 import kms_service_pb2_grpc
 
 from kms_client import KmsClient, TlsFiles
-from kms_client.cluster import ClusterClient
+from kms_client.tls import open_channel
 from kmsd.auth.certs import DevPki, ca_files, client_files, node_files, user_principal
 from kmsd.dev_cluster import DEV_CLUSTER_ID
 
@@ -52,17 +52,11 @@ def tls_files(pki: DevPki) -> TlsFiles:
     return TlsFiles(pki.ca.cert, pki.admin.cert, pki.admin.key)
 
 
-def credentials(pki: DevPki) -> grpc.ChannelCredentials:
-    return tls_files(pki).credentials()
-
-
 def secure_channel(
     endpoint: str, pki: DevPki | None, options: Sequence[tuple[str, Any]] | None = None
 ) -> grpc.Channel:
     """A channel to `endpoint` as the admin (`pki` None: plaintext)."""
-    if pki is None:
-        return grpc.insecure_channel(endpoint, options)
-    return grpc.secure_channel(endpoint, credentials(pki), options)
+    return open_channel(endpoint, None if pki is None else tls_files(pki).credentials(), options)
 
 
 def kmsctl_env(pki: DevPki | None) -> dict[str, str]:
@@ -144,14 +138,6 @@ class KmsdProcess:
         else:
             kwargs.setdefault("tls", self.tls_files())
         return KmsClient(self.endpoints, **kwargs)
-
-    def cluster_client(self, **kwargs: Any) -> ClusterClient:
-        """A ClusterClient of every node, as admin (the caller closes it)."""
-        if self.plaintext:
-            kwargs.setdefault("plaintext", True)
-        else:
-            kwargs.setdefault("tls", self.tls_files())
-        return ClusterClient(self.endpoints, **kwargs)
 
     def kmsctl_env(self) -> dict[str, str]:
         """KMSD_ENDPOINT and the TLS variables: `kmsctl` as admin of this cluster."""

@@ -18,12 +18,12 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from kmsd.api.status import to_grpc_status
+from kmsd.api.status import abort
 from kmsd.audit.record import AuditEvent, bounded, bounded_context, new_request_id
 from kmsd.audit.writer import AuditUnavailable, AuditWriter
 from kmsd.auth.grants import OPERATION_NAMES, decode_token
@@ -103,11 +103,6 @@ def _extras(request: Message, response: Message | Any | None) -> dict[str, Any]:
     return extras
 
 
-async def _abort(context: Ctx, error: KmsError) -> NoReturn:
-    await context.abort_with_status(to_grpc_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
 class AuditHook:
     """Records RPC outcomes into an `AuditWriter`."""
 
@@ -117,30 +112,43 @@ class AuditHook:
         self._store = store
 
     async def call(
-        self, request: Message, context: Ctx, run: Callable[[], Awaitable[Resp]]
+        self,
+        request: Message,
+        context: Ctx,
+        run: Callable[[], Awaitable[Resp]],
+        principal: str | None = None,
     ) -> Resp:
         """Runs one RPC with its audit record; aborts the call with its error (or with
-        UNAVAILABLE when the record cannot be written)."""
+        UNAVAILABLE when the record cannot be written). `principal` is the caller's, if
+        the servicer knows it already (else it is read from `context`)."""
         writer = self.writer
         if not writer.available:
-            await _abort(context, writer.unavailable_error())
+            await abort(context, writer.unavailable_error())
         try:
             response = await run()
         except KmsError as error:
-            await self._record(self.event(request, context, None, error), context)
-            await _abort(context, error)
+            await self._record(
+                self.event(request, context, None, error, principal=principal), context
+            )
+            await abort(context, error)
         except grpc.aio.AbortError:
             raise  # the body aborted the call itself (never expected)
         except Exception:
             # The traceback names code, never request contents (which may be plaintext).
             log.exception("internal error in %s", _shape(request).operation)
             internal = InternalError("internal error")
-            await self._record(self.event(request, context, None, internal), context)
-            await _abort(context, internal)
+            await self._record(
+                self.event(request, context, None, internal, principal=principal), context
+            )
+            await abort(context, internal)
         except asyncio.CancelledError:
-            self._record_nowait(self.event(request, context, None, None, cancelled=True))
+            self._record_nowait(
+                self.event(request, context, None, None, cancelled=True, principal=principal)
+            )
             raise
-        await self._record(self.event(request, context, response, None), context)
+        await self._record(
+            self.event(request, context, response, None, principal=principal), context
+        )
         return response
 
     async def refused(self, context: Ctx, type_name: str, error: KmsError) -> None:
@@ -160,11 +168,11 @@ class AuditHook:
         try:
             await self.writer.record(event)
         except AuditUnavailable as error:
-            await _abort(context, error)
+            await abort(context, error)
         except (ValueError, TypeError) as error:
             # A record that cannot be encoded (never expected): refuse this request only.
             log.error("audit: cannot encode the record of %s: %s", event.operation, error)
-            await _abort(context, InternalError("internal error"))
+            await abort(context, InternalError("internal error"))
 
     def _record_nowait(self, event: AuditEvent) -> None:
         try:
@@ -180,6 +188,7 @@ class AuditHook:
         error: KmsError | None,
         *,
         cancelled: bool = False,
+        principal: str | None = None,
     ) -> AuditEvent:
         """The record of one RPC outcome (public for tests)."""
         shape = _shape(request)
@@ -212,7 +221,7 @@ class AuditHook:
         return AuditEvent(
             operation=shape.operation,
             outcome=outcome,
-            principal=principal_of(context),
+            principal=principal_of(context) if principal is None else principal,
             source=context.peer() or "",
             key_arn=self._response_key_arn(response)
             or self._request_key_arn(request, shape)

@@ -20,7 +20,7 @@ from kms.v1 import cluster_service_pb2 as pb
 from kms.v1 import cluster_service_pb2_grpc as pb_grpc
 
 from kmsd.api.audit import AuditHook
-from kmsd.api.status import to_grpc_status
+from kmsd.api.status import abort
 from kmsd.auth.authorizer import Authorizer, Caller
 from kmsd.auth.identity import principal_of
 from kmsd.errors import (
@@ -83,12 +83,11 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
             return await body()
 
         if self._audit is not None:
-            return await self._audit.call(request, context, guarded)
+            return await self._audit.call(request, context, guarded, caller.principal)
         try:
             return await guarded()
         except KmsError as error:
-            await context.abort_with_status(to_grpc_status(error))
-            raise AssertionError("abort_with_status returned") from error  # pragma: no cover
+            await abort(context, error)
 
     def _raft(self) -> RaftLog:
         if not isinstance(self._log, RaftLog):

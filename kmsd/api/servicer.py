@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -18,7 +18,7 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from kmsd.api.audit import AuditHook
-from kmsd.api.status import to_grpc_status
+from kmsd.api.status import abort
 from kmsd.auth.authorizer import Caller
 from kmsd.auth.identity import principal_of
 from kmsd.errors import InternalError, KmsError
@@ -32,11 +32,6 @@ Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[object, object]
 Operation = Callable[[Kms, Req, Caller], Awaitable[Resp]]
-
-
-async def _abort(context: Ctx, error: KmsError) -> NoReturn:
-    await context.abort_with_status(to_grpc_status(error))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
 class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
@@ -64,12 +59,12 @@ class KeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         caller = Caller(principal_of(context))
         if self._audit is not None:
             return await self._audit.call(
-                request, context, lambda: self._run(operation, request, caller)
+                request, context, lambda: self._run(operation, request, caller), caller.principal
             )
         try:
             return await self._run(operation, request, caller)
         except KmsError as error:
-            await _abort(context, error)
+            await abort(context, error)
 
     async def CreateKey(self, request: pb.CreateKeyRequest, context: Ctx) -> pb.CreateKeyResponse:
         return await self._call(keys.create_key, request, context)

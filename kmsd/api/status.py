@@ -7,6 +7,8 @@ violations and retryable ones `google.rpc.RetryInfo`.
 
 from __future__ import annotations
 
+from typing import Any, NoReturn
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -54,3 +56,9 @@ def to_rpc_status(error: KmsError) -> status_pb2.Status:
 def to_grpc_status(error: KmsError) -> grpc.Status:
     """The grpc.Status to pass to `ServicerContext.abort_with_status`."""
     return rpc_status.to_status(to_rpc_status(error))
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: KmsError) -> NoReturn:
+    """Ends the call with `error`'s status."""
+    await context.abort_with_status(to_grpc_status(error))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover

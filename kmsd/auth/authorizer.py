@@ -29,6 +29,7 @@ from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.auth.conditions import Lookup
 from kmsd.auth.grants import grant_allows
+from kmsd.auth.identity import ANONYMOUS as ANONYMOUS  # the caller without a certificate
 from kmsd.auth.policy import (
     AccessRequest,
     Decision,
@@ -42,8 +43,6 @@ from kmsd.errors import KmsError
 
 log = logging.getLogger(__name__)
 
-#: The principal of a caller without a client certificate (kmsd.auth.identity.ANONYMOUS).
-ANONYMOUS = "anonymous"
 _POLICY_CACHE = 1024
 
 

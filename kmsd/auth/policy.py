@@ -161,7 +161,7 @@ def _principal(where: str, value: Any, account: str) -> tuple[bool, bool, frozen
                 continue  # AWS service and federated principals never call kmsd
             if entry == "*":
                 any_principal = True
-            elif entry in (f"arn:aws:iam::{account}:root", account):
+            elif entry in (root_arn(account), account):
                 root = True
             elif entry.startswith("arn:aws:iam::") and entry.endswith(":root"):
                 continue  # another account's root: nobody here

@@ -37,6 +37,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from kmsd.auth.certs import node_principal
 from kmsd.auth.identity import HasAuthContext, identities
 from kmsd.config import Config
 
@@ -287,7 +288,7 @@ class PeerTls(ServerTls):
         return cls(files, config.cluster_id, principals, config.tls.reload_interval_seconds)
 
     def default_principal(self, node_id: int) -> str:
-        return f"spiffe://{self.cluster_id}/node/{node_id}"
+        return node_principal(self.cluster_id, node_id)
 
     def set_principals(self, principals: Mapping[int, str]) -> None:
         """Members whose certificates carry another identity than the default (e.g.

@@ -71,6 +71,10 @@ COALESCE_S = 0.005
 # After a peer answered UNIMPLEMENTED to SendStream, use unary Send this long before
 # trying the stream again (it may have been upgraded meanwhile).
 UNARY_FALLBACK_S = 60.0
+# How often the transport asks whether the certificate files were replaced (off the
+# send path: looking may stat the files). PeerTls itself looks at the files no more
+# often than every [tls].reload_interval_seconds.
+CERT_CHECK_S = 1.0
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_PEER_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_PEER_MESSAGE_BYTES),
@@ -321,6 +325,7 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         self._members: dict[int, Member] = {}
         self._peers: dict[int, _Peer] = {}
         self._server: grpc.aio.Server | None = None
+        self._cert_watch: asyncio.Task[None] | None = None
 
     @property
     def handler(self) -> PeerHandler:
@@ -354,6 +359,14 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         for node_id in list(self._peers):
             asyncio.create_task(self._peers.pop(node_id).close())
         self.set_members(self._members)
+
+    async def _watch_certificates(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_S)
+            try:
+                self._refresh_channels()
+            except Exception:  # unforeseen: keep the current channels, look again later
+                log.exception("checking the peer certificates failed")
 
     async def _sender_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> int:
         """The member id the caller's certificate proves (`_UNAUTHENTICATED` on a
@@ -389,7 +402,6 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
                 self._peers[node_id] = _Peer(self, member)
 
     def send(self, messages: Sequence[Message]) -> None:
-        self._refresh_channels()
         for message in messages:
             peer = self._peers.get(message.dst)
             if peer is None:
@@ -435,8 +447,16 @@ class GrpcTransport(wire_grpc.RaftServiceServicer):
         await server.start()
         self._server = server
         self.set_members(self._members)
+        if self.security is not None:
+            self._cert_watch = asyncio.create_task(
+                self._watch_certificates(), name="raft-peer-certificates"
+            )
 
     async def stop(self) -> None:
+        if self._cert_watch is not None:
+            self._cert_watch.cancel()
+            await asyncio.gather(self._cert_watch, return_exceptions=True)
+            self._cert_watch = None
         for peer in self._peers.values():
             await peer.close()
         self._peers.clear()

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,10 +31,10 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from proxy import Mode, ProxyNet
 
-from kms_client import TlsFiles
 from kmsd.auth.certs import ensure_dev_pki
 from kmsd.crypto.seal import FileSeal
-from kmsd.dev_cluster import security_toml
+from kmsd.dev_cluster import free_ports, security_toml
+from kmsd_process import tls_files
 
 START_TIMEOUT_S = 60.0
 POLL_S = 0.05  # a pacing interval for polling loops, never a wait for state
@@ -58,17 +57,6 @@ _LAUNCHER = (
 
 class ClusterError(AssertionError):
     """The cluster did not reach a state in time (a test failure, with details)."""
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass
@@ -135,7 +123,7 @@ class ChaosCluster:
         FileSeal.create(self.seal_path)  # what `kmsd init --seal` does: one key for all
         # Mutual TLS as `kmsd dev` sets it up: a CA, node certificates and an admin.
         self.pki = ensure_dev_pki(self.root / "tls", "chaos", range(1, size + 1))
-        self.tls = TlsFiles(self.pki.ca.cert, self.pki.admin.cert, self.pki.admin.key)
+        self.tls = tls_files(self.pki)
         self._credentials = self.tls.credentials()
         self.proxy = ProxyNet(self._pids, seed=seed, lifetime_s=lifetime_s)
         ports = free_ports(2 * size)

@@ -36,7 +36,7 @@ from kms.v1 import resources_pb2 as res
 from kms_client import envelope
 from kms_client._enums import enum_value
 from kms_client.errors import KmsClientError, ThrottlingException, from_rpc_error
-from kms_client.tls import TlsFiles, channel_credentials
+from kms_client.tls import TlsFiles, channel_credentials, open_channel
 
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
@@ -157,11 +157,7 @@ class KmsClient:
                 raise ValueError("KmsClient is closed")
             entry = self._channels.get(endpoint)
             if entry is None:
-                options = self._channel_options or None
-                if self._credentials is not None:
-                    channel = grpc.secure_channel(endpoint, self._credentials, options)
-                else:
-                    channel = grpc.insecure_channel(endpoint, options)
+                channel = open_channel(endpoint, self._credentials, self._channel_options or None)
                 entry = (channel, pb_grpc.KeyManagementServiceStub(channel))
                 self._channels[endpoint] = entry
             return entry[1]

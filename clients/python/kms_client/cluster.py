@@ -13,7 +13,7 @@ from kms.v1 import cluster_service_pb2 as pb
 from kms.v1 import cluster_service_pb2_grpc as pb_grpc
 
 from kms_client.errors import KmsClientError, from_rpc_error
-from kms_client.tls import TlsFiles, channel_credentials
+from kms_client.tls import TlsFiles, channel_credentials, open_channel
 
 _Resp = TypeVar("_Resp")
 
@@ -56,11 +56,7 @@ class ClusterClient:
     def _stub(self, endpoint: str) -> pb_grpc.ClusterServiceStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = (
-                grpc.secure_channel(endpoint, self._credentials)
-                if self._credentials is not None
-                else grpc.insecure_channel(endpoint)
-            )
+            channel = open_channel(endpoint, self._credentials)
             self._channels[endpoint] = channel
         return pb_grpc.ClusterServiceStub(channel)
 

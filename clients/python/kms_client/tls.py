@@ -11,9 +11,10 @@ asked for explicitly.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -70,3 +71,14 @@ def channel_credentials(
     if tls is not None:
         return tls.credentials()
     return credentials
+
+
+def open_channel(
+    endpoint: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> grpc.Channel:
+    """A channel to `endpoint`: secure with `credentials`, plaintext when they are None."""
+    if credentials is None:
+        return grpc.insecure_channel(endpoint, options)
+    return grpc.secure_channel(endpoint, credentials, options)
