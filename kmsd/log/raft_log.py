@@ -20,8 +20,10 @@ One task owns the `RawNode` and runs etcd's Ready loop:
        proposals and read requests;
     5. advance.
 
-A command is proposed inside an envelope naming the node and a sequence number,
-so the node that asked for it resolves its own waiter when it applies the entry,
+A command is proposed inside an envelope naming the node and a sequence number
+(counted from a random start in each process, so a restarted node never mistakes an
+entry of its previous life for a new proposal), so the node that asked for it
+resolves its own waiter when it applies the entry,
 whether it proposed it as leader or forwarded it to the leader. While no leader is
 known (an election), or the leader it forwarded to turns out dead or deposed, a
 proposal waits for the next leader within its timeout rather than fail: a client
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import struct
 from collections import deque
@@ -164,7 +167,10 @@ class RaftLog:
         self._apply_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # A commit-only HardState not written yet; it goes out with the next write.
         self._unsaved_hard_state: HardState | None = None
-        self._seq = 0
+        # Each life of a node numbers its proposals from a random start: after a restart
+        # the node still applies entries its previous life proposed, and a sequence
+        # restarting at 1 would match them to its new proposals (wrong results).
+        self._seq = int.from_bytes(os.urandom(8)) >> 2
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._stopping = False

@@ -62,3 +62,24 @@ def test_minority_refuses_writes_and_reads(tmp_path: Path) -> None:
         await until(lambda: cluster.machines[leader.node_id].commands == [b"a", b"b"], "healing")
 
     run(scenario, tmp_path)
+
+
+def test_a_restarted_node_never_gets_its_previous_lifes_results(tmp_path: Path) -> None:
+    """Proposals are matched to their entries by (node, sequence number). A node that
+    restarts while entries it proposed before are still to be applied must not
+    answer a new proposal with one of those (it once did: the sequence restarted at 1)."""
+
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        follower_id = next(i for i in cluster.nodes if i != leader.node_id)
+        follower = cluster.nodes[follower_id]
+        for i in range(30):
+            await follower.propose(b"old-%d" % i)
+        await cluster.stop(follower_id)
+        restarted = await cluster.start(follower_id)
+        for i in range(30):
+            applied = await restarted.propose(b"new-%d" % i)
+            machine = cluster.machines[follower_id]
+            assert machine.commands[applied.result - 1] == b"new-%d" % i  # type: ignore[operator]
+
+    run(scenario, tmp_path)
