@@ -25,6 +25,7 @@ Pure: no gRPC, no I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -291,6 +292,9 @@ def root_arn(account: str) -> str:
     return f"arn:aws:iam::{account}:root"
 
 
+# Every key created without a policy by the same caller gets the same document: built
+# once (the indented json.dumps costs more than the rest of a CreateKey's handler).
+@functools.lru_cache(maxsize=1024)
 def default_policy(account: str, creator: str | None) -> str:
     """The key policy of a key created without one: AWS's default (the account's root,
     here the administrators, may do everything) plus full access for its creator."""

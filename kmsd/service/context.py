@@ -8,7 +8,6 @@ node's state is fresh enough to answer a read.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import uuid
@@ -34,9 +33,16 @@ def request_digest(request: Message, principal: str = "") -> bytes:
     """SHA-256 of the caller, the RPC's request type and its bytes without the request_id
     (so another caller reusing a request_id is refused, not answered with the first
     caller's result)."""
-    unkeyed = copy.copy(request)
-    unkeyed.ClearField("request_id")
-    body = unkeyed.SerializeToString(deterministic=True)
+    # Cleared and put back rather than copied: a copy of the message costs more than the
+    # hash (request_id is a plain proto3 string, so putting it back restores the message).
+    request_id = getattr(request, "request_id", "")
+    if request_id:
+        request.ClearField("request_id")
+    try:
+        body = request.SerializeToString(deterministic=True)
+    finally:
+        if request_id:
+            setattr(request, "request_id", request_id)  # noqa: B010 (Message has no such attribute)
     caller = principal.encode("utf-8", "surrogatepass") + b"\x00" if principal else b""
     return hashlib.sha256(caller + request.DESCRIPTOR.full_name.encode() + b"\x00" + body).digest()
 

@@ -3,6 +3,7 @@ timestamps)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -20,7 +21,14 @@ def timestamp(ms: int) -> Timestamp:
 
 
 def current_material_id(key: fsm.KeyRecord) -> str:
-    return material_id(uuid.UUID(key.key_id), key.materials[-1].version)
+    return _material_id(key.key_id, key.materials[-1].version)
+
+
+# Rendered with every KeyMetadata (Describe/List/Create...): a SHA-256 and a UUID parse
+# per call otherwise.
+@functools.lru_cache(maxsize=4096)
+def _material_id(key_id: str, version: int) -> str:
+    return material_id(uuid.UUID(key_id), version)
 
 
 def key_metadata(names: Names, key: fsm.KeyRecord) -> res.KeyMetadata:
