@@ -113,7 +113,7 @@ def test_group_commit_writes_concurrent_records_with_one_fsync(tmp_path: Path) -
         assert syncs.calls == 2, f"{syncs.calls} fsyncs for 2 batches"
         assert writer.batches == 2
 
-    run(tmp_path, scenario, syncer=syncs)
+    run(tmp_path, scenario, inline_sync=False, syncer=syncs)
     assert verify([tmp_path]).records == 51
 
 
@@ -156,7 +156,53 @@ def test_record_returns_only_after_its_fsync(tmp_path: Path) -> None:
         syncs.gate.set()
         await pending
 
+    run(tmp_path, scenario, inline_sync=False, syncer=syncs)
+
+
+class ThreadRecordingSyncs(Syncs):
+    """Also records which thread each sync ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, fd: int) -> None:
+        self.threads.append(threading.current_thread())
+        super().__call__(fd)
+
+
+def test_a_lone_record_is_synced_on_the_loop_before_it_is_answered(tmp_path: Path) -> None:
+    syncs = ThreadRecordingSyncs()
+
+    async def scenario(writer: AuditWriter) -> None:
+        syncs.threads.clear()  # start() syncs too, in a worker thread
+        for n in range(3):
+            before = syncs.calls
+            await writer.record(event(n))
+            assert syncs.calls == before + 1, "answered before its own fsync"
+            # Lone callers, spaced out: each sync far from the previous one.
+            await asyncio.sleep(0.01)
+        assert syncs.threads == [threading.main_thread()] * 3
+
     run(tmp_path, scenario, syncer=syncs)
+    assert verify([tmp_path]).records == 3
+
+
+def test_records_arriving_together_are_synced_by_the_sync_thread_in_groups(
+    tmp_path: Path,
+) -> None:
+    syncs = ThreadRecordingSyncs()
+
+    async def scenario(writer: AuditWriter) -> None:
+        syncs.calls = 0  # start() syncs too
+        syncs.threads.clear()
+        await asyncio.gather(*(writer.record(event(n)) for n in range(200)))
+        # One write of 200 records (submitted in one turn of the loop): not a lone one.
+        assert syncs.calls == 1
+        assert syncs.threads[0] is not threading.main_thread()
+
+    run(tmp_path, scenario, syncer=syncs)
+    assert verify([tmp_path]).records == 200
 
 
 def test_rotation_keeps_one_chain_across_files(tmp_path: Path) -> None:
@@ -338,7 +384,7 @@ def test_a_write_failure_refuses_every_queued_record(tmp_path: Path) -> None:
         results = await asyncio.gather(first, *queued, return_exceptions=True)
         assert all(isinstance(r, AuditUnavailable) for r in results)
 
-    run(tmp_path, scenario, syncer=syncs, retry_interval_s=60)
+    run(tmp_path, scenario, inline_sync=False, syncer=syncs, retry_interval_s=60)
 
 
 def test_recovery_keeps_retrying_while_the_disk_keeps_failing(tmp_path: Path) -> None:
@@ -374,7 +420,7 @@ def test_a_cancelled_caller_leaves_the_chain_intact(tmp_path: Path) -> None:
         syncs.gate.set()
         await writer.record(event(2))
 
-    run(tmp_path, scenario, syncer=syncs)
+    run(tmp_path, scenario, inline_sync=False, syncer=syncs)
     assert [r["request_id"] for r in records(tmp_path)] == ["req-1", "req-2"]
     assert verify([tmp_path]).ok
 
