@@ -25,6 +25,13 @@
 without replication (no `[[cluster.members]]`: its single-node log), the same calls:
 the most a kmsd cluster could do if replication cost nothing.
 
+`--echo-ceiling` adds another, interleaved the same way: `bench.cluster_echo`, a bare
+grpc.aio server in its own process (kmsd's server options) answering CreateKey with a
+fixed empty response and doing nothing else, driven by the same load generator and
+calls: the most any Python gRPC server, hence any kmsd, answers on this machine. Its
+table gives its calls/s, latency and server CPU per call, and each target's ops/s over
+the echo's (etcd/echo, kmsd 3 nodes/echo, and kmsd 1 node/echo with `--single-node`).
+
 Calls go to the leader's endpoint by default (`--via leader`, what a leader-aware
 client does; etcd's clients also send to one member); `--via all` spreads the
 callers over the three endpoints, so that followers forward (kmsd) or proxy (etcd).
@@ -56,17 +63,18 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
+from bench.cluster_echo import EchoServer
 from bench.cluster_etcd import EtcdCluster, EtcdUnavailable, ensure_etcd, etcd_stubs
 from bench.cluster_kmsd import KmsdCluster
 from bench.cluster_procs import Children, cpu_seconds
@@ -78,6 +86,8 @@ __all__ = ["GOAL_FAILOVER_S", "GOAL_RATIO", "main"]
 TARGETS = ("kmsd", "etcd")
 #: With --single-node: one kmsd node on its single-node log (no Raft), the same calls.
 SINGLE = "kmsd-1"
+#: With --echo-ceiling: a grpc.aio server answering CreateKey with no work at all.
+ECHO = "echo"
 GOAL_RATIO = 0.5
 GOAL_FAILOVER_S = 2.0
 ETCD_VALUE_BYTES = 256
@@ -185,10 +195,14 @@ class Row:
     def median(self, target: str, attribute: str) -> float:
         return statistics.median(float(getattr(r, attribute)) for r in self.rounds[target])
 
+    def ops_ratio(self, target: str, versus: str) -> float:
+        """Median ops/s of `target` over those of `versus` (NaN if `versus` did none)."""
+        other = self.median(versus, "ops_per_s")
+        return self.median(target, "ops_per_s") / other if other else math.nan
+
     @property
     def ratio(self) -> float:
-        etcd = self.median("etcd", "ops_per_s")
-        return self.median("kmsd", "ops_per_s") / etcd if etcd else math.nan
+        return self.ops_ratio("kmsd", "etcd")
 
     @property
     def cpu_ratio(self) -> float:
@@ -209,8 +223,11 @@ class Row:
 
     def single_ratio(self) -> float:
         """Writes/s of one unreplicated kmsd node over etcd's puts/s (--single-node)."""
-        etcd = self.median("etcd", "ops_per_s")
-        return self.median(SINGLE, "ops_per_s") / etcd if etcd else math.nan
+        return self.ops_ratio(SINGLE, "etcd")
+
+    def echo_ratios(self) -> dict[str, float]:
+        """Each other target's ops/s over the echo server's calls/s (--echo-ceiling)."""
+        return {target: self.ops_ratio(target, ECHO) for target in self.rounds if target != ECHO}
 
 
 def _cpu(pids: list[int]) -> float:
@@ -344,6 +361,13 @@ class Settings:
     failover: bool = True
     #: Also measure one unreplicated kmsd node, interleaved with the two clusters.
     single_node: bool = False
+    #: Also measure a grpc.aio server answering CreateKey with no work (interleaved).
+    echo_ceiling: bool = False
+
+    @property
+    def targets(self) -> int:
+        """How many targets each round measures."""
+        return len(TARGETS) + self.single_node + self.echo_ceiling
 
 
 class Profiler:
@@ -373,6 +397,16 @@ class Profiler:
                 self.summaries[f"node {node} c={concurrency}"] = summarize(path)
 
 
+class Served(Protocol):
+    """Server processes answering kmsd's CreateKey: a `KmsdCluster` or an `EchoServer`."""
+
+    @property
+    def endpoints(self) -> list[str]: ...
+
+    @property
+    def pids(self) -> list[int]: ...
+
+
 async def run_throughput(
     kmsd: KmsdCluster,
     etcd: EtcdCluster,
@@ -381,9 +415,13 @@ async def run_throughput(
     settings: Settings,
     progress: Callable[[str], None],
     profiler: Profiler,
-    single: KmsdCluster | None = None,
+    ceilings: Mapping[str, Served] | None = None,
 ) -> list[Row]:
-    """Interleaved rounds at each concurrency; returns a Row per concurrency."""
+    """Interleaved rounds at each concurrency; returns a Row per concurrency.
+
+    `ceilings` are more targets answering the same CreateKey calls on all their
+    endpoints (SINGLE, ECHO), measured after the two clusters in each round.
+    """
     leader = kmsd.leader()
     etcd_leader = etcd.leader_endpoint(time.monotonic() + 30)
     endpoints = {
@@ -391,20 +429,19 @@ async def run_throughput(
         "etcd": [etcd_leader] if settings.via == "leader" else etcd.endpoints,
     }
     pids = {"kmsd": kmsd.pids, "etcd": etcd.pids}
-    if single is not None:
-        endpoints[SINGLE] = single.endpoints
-        pids[SINGLE] = single.pids
+    for name, served in (ceilings or {}).items():
+        endpoints[name] = served.endpoints
+        pids[name] = served.pids
     targets = list(endpoints)
     progress(f"throughput: kmsd leader node {leader}, etcd leader {etcd_leader}")
     channels = {t: [grpc.aio.insecure_channel(e) for e in endpoints[t]] for t in targets}
     try:
         calls = {
-            "kmsd": kmsd_call([pb_grpc.KeyManagementServiceStub(c) for c in channels["kmsd"]]),
-            "etcd": etcd_call(etcd_pb, [etcd_grpc.KVStub(c) for c in channels["etcd"]]),
+            t: kmsd_call([pb_grpc.KeyManagementServiceStub(c) for c in channels[t]])
+            for t in targets
+            if t != "etcd"
         }
-        if single is not None:
-            stubs = [pb_grpc.KeyManagementServiceStub(c) for c in channels[SINGLE]]
-            calls[SINGLE] = kmsd_call(stubs)
+        calls["etcd"] = etcd_call(etcd_pb, [etcd_grpc.KVStub(c) for c in channels["etcd"]])
         for target in targets:  # connect, and fail early if a cluster does not write
             await calls[target]()
         kmsd_pids = {node: child.pid for node, child in kmsd.nodes.items()}
@@ -433,7 +470,7 @@ async def run_throughput(
                         result = await measured
                     row.rounds[target].append(result)
                     progress(
-                        f"  c={concurrency:<3} round {index + 1}/{settings.rounds} {target}"
+                        f"  c={concurrency:<3} round {index + 1}/{settings.rounds} {target:<6}"
                         f" {result.ops_per_s:7.0f} ops/s  p50 {result.p50_ms:6.2f} ms"
                         f"  p99 {result.p99_ms:6.2f} ms  server CPU"
                         f" {result.server_cpu_us:5.0f} µs/op  client CPU"
@@ -475,23 +512,65 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+#: A column of a ceiling table: its header, and its cell for one Row.
+Column = tuple[str, Callable[[Row], str]]
+
+
+def _ops(target: str) -> Callable[[Row], str]:
+    return lambda row: f"{row.median(target, 'ops_per_s'):,.0f}"
+
+
+def _latency(target: str) -> Callable[[Row], str]:
+    return lambda row: f"{row.median(target, 'p50_ms'):.2f} / {row.median(target, 'p99_ms'):.2f}"
+
+
+def _cpu_per_call(target: str, attribute: str = "server_cpu_us") -> Callable[[Row], str]:
+    return lambda row: f"{row.median(target, attribute):,.0f}"
+
+
+def _ops_ratio(target: str, versus: str) -> Callable[[Row], str]:
+    return lambda row: f"{row.ops_ratio(target, versus):.2f}"
+
+
+def _ceiling_table(rows: list[Row], columns: list[Column]) -> str:
+    """A Markdown table with one line per concurrency: "clients", then `columns`."""
+    headers = ["clients", *(header for header, _ in columns)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + " ---: |" * len(headers)]
+    for row in rows:
+        cells = [str(row.concurrency), *(cell(row) for _, cell in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_single_table(rows: list[Row]) -> str:
     """The --single-node comparison: what one kmsd node does without replication."""
-    lines = [
-        "| clients | kmsd 1 node writes/s | etcd puts/s | ratio 1 node/etcd"
-        " | kmsd 3 nodes / 1 node | 1 node p50 / p99 ms | server CPU µs/write 1 node |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    return _ceiling_table(
+        rows,
+        [
+            ("kmsd 1 node writes/s", _ops(SINGLE)),
+            ("etcd puts/s", _ops("etcd")),
+            ("ratio 1 node/etcd", _ops_ratio(SINGLE, "etcd")),
+            ("kmsd 3 nodes / 1 node", _ops_ratio("kmsd", SINGLE)),
+            ("1 node p50 / p99 ms", _latency(SINGLE)),
+            ("server CPU µs/write 1 node", _cpu_per_call(SINGLE)),
+        ],
+    )
+
+
+def format_echo_table(rows: list[Row]) -> str:
+    """The --echo-ceiling comparison: what a server doing no work answers, and each
+    target's ops/s over it."""
+    columns = [
+        ("echo calls/s", _ops(ECHO)),
+        ("echo p50 / p99 ms", _latency(ECHO)),
+        ("server CPU µs/call echo", _cpu_per_call(ECHO)),
+        ("load-generator CPU µs/call echo", _cpu_per_call(ECHO, "client_cpu_us")),
+        ("ratio etcd/echo", _ops_ratio("etcd", ECHO)),
+        ("kmsd 3 nodes / echo", _ops_ratio("kmsd", ECHO)),
     ]
-    for row in rows:
-        one = {a: row.median(SINGLE, a) for a in _MEDIANS}
-        three = row.median("kmsd", "ops_per_s")
-        lines.append(
-            f"| {row.concurrency} | {one['ops_per_s']:,.0f}"
-            f" | {row.median('etcd', 'ops_per_s'):,.0f} | {row.single_ratio():.2f}"
-            f" | {three / one['ops_per_s'] if one['ops_per_s'] else math.nan:.2f}"
-            f" | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {one['server_cpu_us']:,.0f} |"
-        )
-    return "\n".join(lines)
+    if rows and SINGLE in rows[0].rounds:
+        columns.append(("kmsd 1 node / echo", _ops_ratio(SINGLE, ECHO)))
+    return _ceiling_table(rows, columns)
 
 
 # ---------------------------------------------------------------------------- failover
@@ -859,7 +938,8 @@ def machine(etcd_version: str) -> dict[str, Any]:
 def _budget(settings: Settings) -> float:
     """Seconds the whole run may take before the alarm stops it."""
     per_round = settings.warmup + settings.duration + 2 * CALL_TIMEOUT
-    rounds = len(settings.concurrency) * settings.rounds * 2 if settings.throughput else 0
+    rounds = len(settings.concurrency) * settings.rounds * settings.targets
+    rounds = rounds if settings.throughput else 0
     trials = settings.trials * (4 * CALL_TIMEOUT + 80) if settings.failover else 0
     return 300 + settings.fsync_seconds + rounds * per_round + trials
 
@@ -902,6 +982,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         action="store_true",
         help="also measure one kmsd node without replication (interleaved): the ceiling",
     )
+    parser.add_argument(
+        "--echo-ceiling",
+        action="store_true",
+        help="also measure a grpc.aio server answering CreateKey with no work at all"
+        " (bench.cluster_echo, interleaved): the Python gRPC stack's own ceiling",
+    )
     parser.add_argument("--fsync-seconds", type=float, help="disk-floor sampling time (2)")
     parser.add_argument(
         "--quick",
@@ -932,6 +1018,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         throughput=not args.no_throughput,
         failover=not args.no_failover,
         single_node=args.single_node,
+        echo_ceiling=args.echo_ceiling,
     )
     if settings.duration <= 0 or settings.warmup < 0 or settings.rounds < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --rounds >= 1")
@@ -965,6 +1052,8 @@ def _report_json(
                 "median": {t: {a: row.median(t, a) for a in _MEDIANS} for t in row.rounds},
                 "rounds": {t: [asdict(r) for r in rs] for t, rs in row.rounds.items()},
                 **({"single_ratio": row.single_ratio()} if SINGLE in row.rounds else {}),
+                # Each other target's median ops/s over the echo server's.
+                **({"echo_ratios": row.echo_ratios()} if ECHO in row.rounds else {}),
             }
             for row in rows
         ],
@@ -1010,18 +1099,24 @@ def main(argv: list[str] | None = None) -> int:
             etcd_pb, etcd_grpc = etcd_stubs(tmp / "etcd-proto")
             kmsd = KmsdCluster(tmp / "kmsd", children).start()
             etcd = EtcdCluster(etcd_binary, tmp / "etcd", children, etcd_pb, etcd_grpc).start()
-            single = None
+            ceilings: dict[str, Served] = {}
             if settings.single_node:
-                single = KmsdCluster(tmp / "kmsd-1", children, 1, replicated=False).start()
+                ceilings[SINGLE] = KmsdCluster(
+                    tmp / "kmsd-1", children, 1, replicated=False
+                ).start()
+            if settings.echo_ceiling:
+                ceilings[ECHO] = EchoServer(tmp / "echo", children).start()
             progress(
                 f"kmsd {kmsd.endpoints} (pids {kmsd.pids}); etcd {etcd.endpoints}"
                 f" (pids {etcd.pids})"
-                + (f"; kmsd single node {single.endpoints} (pid {single.pids})" if single else "")
+                + "".join(f"; {t} {c.endpoints} (pid {c.pids})" for t, c in ceilings.items())
                 + f"; {settings.rounds} round(s) of {settings.duration:g} s"
                 f" after {settings.warmup:g} s warm-up, concurrency {settings.concurrency}"
             )
             rows = asyncio.run(
-                run_throughput(kmsd, etcd, etcd_pb, etcd_grpc, settings, progress, profiler, single)
+                run_throughput(
+                    kmsd, etcd, etcd_pb, etcd_grpc, settings, progress, profiler, ceilings
+                )
             )
             children.stop_all()
         if settings.failover:
@@ -1098,6 +1193,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print()
             print(format_single_table(rows))
+        if settings.echo_ceiling:
+            print()
+            print(
+                "a grpc.aio server answering CreateKey with a fixed empty response and no"
+                " work (bench.cluster_echo, kmsd's server options), interleaved with the"
+                " others: the most any Python gRPC server, hence any kmsd, answers here"
+            )
+            print()
+            print(format_echo_table(rows))
         errors = sum(row.errors for row in rows)
     if trials:
         print()

@@ -1,5 +1,6 @@
 """Smoke test of the cluster benchmark: a tiny run completes and reports every figure
-(the --single-node comparison included).
+(the --single-node and --echo-ceiling comparisons included), and the echo server
+alone answers CreateKey and nothing else.
 
 No timing assertions: on a shared 2-core machine a 0.3 s round or one failover trial
 means nothing; this only checks that both clusters start, the load generator, the
@@ -11,11 +12,16 @@ and a Debian-like system); it then exits with status 3 and says why.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from kms.v1 import kms_service_pb2 as pb
+from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCY = (4, 1)
@@ -32,6 +38,7 @@ def test_quick_run_prints_a_ratio_per_concurrency_and_the_failover_line(tmp_path
             "--warmup", "0.1", "--rounds", "1", "--trials", "1", "--writers", "4",
             "--fsync-seconds", "0.2", "--concurrency", *map(str, CONCURRENCY),
             "--workdir", str(tmp_path), "--json", str(json_path), "--quiet", "--single-node",
+            "--echo-ceiling",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -49,11 +56,41 @@ def test_quick_run_prints_a_ratio_per_concurrency_and_the_failover_line(tmp_path
     assert failover and "first successful write" in failover[0], out
     assert "failed client calls: writes" in failover[0], out
     assert "| kmsd 1 node writes/s |" in out, out  # --single-node: the unreplicated ceiling
+    assert "| echo calls/s |" in out and "| kmsd 1 node / echo |" in out, out  # --echo-ceiling
     report = json.loads(json_path.read_text())
     assert [r["concurrency"] for r in report["throughput"]] == list(CONCURRENCY)
     for row in report["throughput"]:
-        for target in ("kmsd", "etcd", "kmsd-1"):
+        for target in ("kmsd", "etcd", "kmsd-1", "echo"):
             assert row["median"][target]["ops_per_s"] > 0
         assert row["single_ratio"] > 0
+        assert set(row["echo_ratios"]) == {"kmsd", "etcd", "kmsd-1"}
+        assert all(ratio > 0 for ratio in row["echo_ratios"].values())
     assert len(report["failover"]) == 1
     assert not list(tmp_path.glob("kmsd-bench-cluster-*")), "the data directory was not removed"
+
+
+@pytest.mark.e2e
+def test_echo_server_answers_create_key_with_an_empty_response_and_nothing_else() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "bench.cluster_echo", "--port", "0"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            ready = re.search(r"serving on (127\.0\.0\.1:\d+)", proc.stdout.readline())
+            assert ready, "no ready line"
+            with grpc.insecure_channel(ready.group(1)) as channel:
+                stub = pb_grpc.KeyManagementServiceStub(channel)
+                request = pb.CreateKeyRequest(description="x", request_id="r")
+                assert stub.CreateKey(request, timeout=10) == pb.CreateKeyResponse()
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Encrypt(pb.EncryptRequest(key_id="k", plaintext=b"p"), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
