@@ -124,6 +124,19 @@ class AuditHook:
         writer = self.writer
         if not writer.available:
             await abort(context, writer.unavailable_error())
+        writer.calls_in_flight += 1
+        try:
+            return await self._call(request, context, run, principal)
+        finally:
+            writer.calls_in_flight -= 1
+
+    async def _call(
+        self,
+        request: Message,
+        context: Ctx,
+        run: Callable[[], Awaitable[Resp]],
+        principal: str | None,
+    ) -> Resp:
         try:
             response = await run()
         except KmsError as error:

@@ -273,9 +273,8 @@ class AuditWriter:
         self._durable_offset = 0
         self._fd_lock = threading.Lock()
         self._synced_seq = 0
-        # When the last fsync ended (either thread may write it; a stale value costs
-        # at most one fsync done by the other path).
-        self._sync_end = 0.0
+        self.calls_in_flight = 0
+        """Requests being served whose records will come here (kept by the API's hook)."""
         self._wakeup = threading.Event()
         self._running = False
         self._poisoned = False
@@ -440,17 +439,13 @@ class AuditWriter:
             self._wakeup.set()
 
     def _sync_inline(self) -> bool:
-        """Syncs on the loop, now, when this batch is one record and none came for a
-        while (a lone caller): the two thread hand-offs of the sync thread cost a lone
-        caller more time than the fdatasync itself. Under load (records arriving within
-        `_gather_slice_s` of the last sync) the sync thread gathers them instead.
-        Returns False when it did not sync."""
+        """Syncs on the loop, now, when this batch is one record and no other call is in
+        flight (`calls_in_flight`, kept by the API's audit hook): for a lone caller the
+        two thread hand-offs of the sync thread cost more time than the fdatasync
+        itself, and nobody else waits for the loop meanwhile. With other calls in flight
+        the sync thread syncs, gathering their records. Returns False when it did not."""
         assert self._sync is not None
-        if (
-            not self._inline_sync
-            or len(self._waiting) != 1
-            or time.monotonic() - self._sync_end < self._gather_slice_s
-        ):
+        if not self._inline_sync or len(self._waiting) != 1 or self.calls_in_flight > 1:
             return False
         if not self._fd_lock.acquire(blocking=False):
             return False  # the sync thread is busy with this file: it will do
@@ -464,7 +459,6 @@ class AuditWriter:
                 return True
             self._synced_seq = seq
             self.syncs += 1
-            self._sync_end = time.monotonic()
         finally:
             self._fd_lock.release()
         self._synced(self._gen, seq, offset)
@@ -529,7 +523,7 @@ class AuditWriter:
                     self._synced_seq = seq
                     self.syncs += 1
                     busy = self._written[0] > seq
-                last_end = self._sync_end = time.monotonic()
+                last_end = time.monotonic()
                 self._call_loop(self._synced, gen, seq, offset)
             if not self._running:
                 return

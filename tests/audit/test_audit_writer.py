@@ -183,9 +183,14 @@ def test_a_lone_record_is_synced_on_the_loop_before_it_is_answered(tmp_path: Pat
             # Lone callers, spaced out: each sync far from the previous one.
             await asyncio.sleep(0.01)
         assert syncs.threads == [threading.main_thread()] * 3
+        # Another call in flight (its record to come): the sync thread syncs, so that
+        # the record it will write can share that fsync rather than wait for the loop.
+        writer.calls_in_flight = 2
+        await writer.record(event(3))
+        assert syncs.threads[3] is not threading.main_thread()
 
     run(tmp_path, scenario, syncer=syncs)
-    assert verify([tmp_path]).records == 3
+    assert verify([tmp_path]).records == 4
 
 
 def test_records_arriving_together_are_synced_by_the_sync_thread_in_groups(
