@@ -78,12 +78,14 @@ from kmsd.raft import (
     Status,
 )
 from kmsd.transport.base import LeaderUnreachable, Overloaded, Transport
-from kmsd.transport.codec import conf_to_proto
+from kmsd.transport.codec import conf_from_proto, conf_to_proto
 
 log = logging.getLogger(__name__)
 
 _ENVELOPE = struct.Struct(">BQQ")  # version, proposing node id, sequence number
 _ENVELOPE_VERSION = 1
+# How many applied membership changes keep their outcome for the proposer to read.
+_CONF_OUTCOMES_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ class RaftLog:
         self._inbox: deque[Message] = deque()
         self._proposals: deque[tuple[bytes, asyncio.Future[int]]] = deque()
         self._conf_changes: deque[tuple[ConfChange, asyncio.Future[int]]] = deque()
+        # Applied CONF_CHANGE entries by index: their data, and why the change was
+        # skipped (None if it took effect); see _change_conf.
+        self._conf_outcomes: dict[int, tuple[bytes, str | None]] = {}
         self._reads: deque[bytes] = deque()
         self._deferred_reads: list[bytes] = []
         # A read's waiter and when it was asked (its answer proves freshness as of then).
@@ -401,6 +406,11 @@ class RaftLog:
     def applied_index(self) -> int:
         return self._applied
 
+    @property
+    def snapshot_index(self) -> int:
+        """The index of this node's latest snapshot (0: none yet)."""
+        return self._snapshot_index
+
     def status(self) -> Status:
         assert self._raw is not None
         return self._raw.status()
@@ -425,6 +435,9 @@ class RaftLog:
         self._wake.set()
 
     async def _change_conf(self, change: ConfChange) -> int:
+        """Proposes `change` and returns its index once applied here. ValidationError
+        (naming node_id) if the core refuses it, or if it committed but was skipped
+        when applied (an invalid change that slipped through: every node skips it)."""
         self._check_running()
         if not self.is_leader():
             raise self._not_leader()
@@ -433,6 +446,20 @@ class RaftLog:
         self._wake.set()
         index = await asyncio.wait_for(done, self.settings.request_timeout_s)
         await self.wait_applied(index)
+        outcome = self._conf_outcomes.get(index)
+        if outcome is None:
+            raise UnavailableError(
+                f"the membership change at index {index} was overtaken by a leader change;"
+                " check `kmsctl cluster status` before retrying"
+            )
+        data, skipped = outcome
+        if data != change.encode():
+            raise UnavailableError(
+                "leadership changed before the membership change committed; it did not"
+                " take effect: retry"
+            )
+        if skipped is not None:
+            raise ValidationError("node_id", f"the change committed but was skipped: {skipped}")
         return index
 
     # -- transport callbacks (PeerHandler) ----------------------------------------------
@@ -584,6 +611,13 @@ class RaftLog:
                 _settle(done, exception=UnavailableError(f"membership change refused: {error}"))
             except ValueError as error:  # e.g. a removed id, or the last voter
                 _settle(done, exception=ValidationError("node_id", str(error)))
+                log.info(
+                    "node %d: refused %s of node %d: %s",
+                    self.node_id,
+                    change.type.name,
+                    change.node_id,
+                    error,
+                )
         deferred: list[bytes] = []
         while self._reads:
             context = self._reads.popleft()
@@ -711,7 +745,23 @@ class RaftLog:
     def _apply_conf_change(self, entry: Entry) -> None:
         assert self._raw is not None
         change = ConfChange.decode(entry.data)
+        # Deterministic: the refusal depends only on the applied membership, the same
+        # on every node at this index; the core skips a refused change likewise.
+        skipped = self._raw.conf_change_refusal(change)
         self._raw.apply_conf_change(change)
+        self._conf_outcomes[entry.index] = (entry.data, skipped)
+        while len(self._conf_outcomes) > _CONF_OUTCOMES_KEPT:
+            del self._conf_outcomes[next(iter(self._conf_outcomes))]
+        if skipped is not None:
+            log.warning(
+                "node %d: skipped %s of node %d at index %d: %s",
+                self.node_id,
+                change.type.name,
+                change.node_id,
+                entry.index,
+                skipped,
+            )
+            return
         if change.type == ConfChangeType.REMOVE_NODE:
             self._members.pop(change.node_id, None)
         elif change.context:
@@ -722,6 +772,10 @@ class RaftLog:
     def _restore(self, data: bytes, index: int) -> None:
         cluster = wal_pb2.ClusterSnapshot.FromString(data)
         self._sm.restore(cluster.state)
+        if self._raw is not None:
+            # A snapshot received from a peer: the core took its membership from the
+            # metadata, which the peer transport carries without the removed ids.
+            self._raw.note_removed(conf_from_proto(cluster.conf).removed)
         self._members = {m.id: Member.from_proto(m) for m in cluster.members}
         self._transport.set_members(self._members)
         self._applied = index
@@ -800,6 +854,8 @@ class RaftLog:
                     log.info("node %d: promoting learner %d to voter", self.node_id, node_id)
                 except RaftError:
                     pass  # another change is pending; try again on a later tick
+                except ValueError as error:  # invalid for the membership: never crash
+                    log.warning("node %d: not promoting %d: %s", self.node_id, node_id, error)
                 return
 
     # -- helpers ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable
 
 from .config import Config
 from .core import Raft
@@ -119,8 +120,25 @@ class RawNode:
 
     def apply_conf_change(self, change: ConfChange) -> ConfState:
         """Applies a committed CONF_CHANGE entry (driver step 3); returns the new
-        membership. A leader that is no longer a voter steps down."""
+        membership. A leader that is no longer a voter steps down. Never raises: a
+        change the applied membership refuses (see `conf_change_refusal`) is skipped,
+        the same way on every node."""
         return self._raft.apply_conf_change(change)
+
+    def conf_change_refusal(self, change: ConfChange) -> str | None:
+        """Why `change` is invalid for the applied membership (re-adding a removed id,
+        removing a non-member or the last voter, ...), or None. A committed change
+        with a refusal is skipped by `apply_conf_change`: a driver asks first to tell
+        whoever proposed it."""
+        return self._raft.conf_change_refusal(change)
+
+    def note_removed(self, ids: Iterable[int]) -> None:
+        """Remembers `ids` as removed (never members again; their messages refused).
+        For a driver whose snapshot data carries the removed ids when the snapshot's
+        metadata did not (a transport that drops `ConfState.removed`): call it when
+        restoring such a snapshot, before applying the entries after it. Ids that are
+        members are ignored."""
+        self._raft.note_removed(frozenset(ids))
 
     def read_index(self, context: bytes) -> None:
         """Requests a linearizable read; a ReadState with `context` arrives in a later

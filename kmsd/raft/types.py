@@ -42,10 +42,15 @@ class HardState:
 
 @dataclass(frozen=True, slots=True)
 class ConfState:
-    """A membership: voters elect and form quorums, learners only receive the log."""
+    """A membership: voters elect and form quorums, learners only receive the log.
+
+    `removed` holds every id removed up to this point (disjoint from the members):
+    ids are never reused, so it travels with the membership, snapshots included.
+    """
 
     voters: frozenset[int] = frozenset()
     learners: frozenset[int] = frozenset()
+    removed: frozenset[int] = frozenset()
 
 
 class ConfChangeType(IntEnum):

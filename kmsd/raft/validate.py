@@ -145,10 +145,11 @@ def _check_snapshot(snapshot: object, max_term: int) -> str | None:
 def _check_conf(conf: object) -> str | None:
     if not isinstance(conf, ConfState):
         return "bad snapshot conf"
-    if type(conf.voters) is not frozenset or type(conf.learners) is not frozenset:
+    if any(type(ids) is not frozenset for ids in (conf.voters, conf.learners, conf.removed)):
         return "bad snapshot conf"
-    if not conf.voters or conf.voters & conf.learners:
+    members = conf.voters | conf.learners
+    if not conf.voters or conf.voters & conf.learners or members & conf.removed:
         return "snapshot conf without voters or with overlaps"
-    if not all(_is_id(n) for n in conf.voters | conf.learners):
+    if not all(_is_id(n) for n in members | conf.removed):
         return "bad id in snapshot conf"
     return None

@@ -46,11 +46,21 @@ def hard_state_from_proto(state: wal_pb2.HardState) -> HardState:
 
 
 def conf_to_proto(conf: ConfState) -> wal_pb2.ConfState:
-    return wal_pb2.ConfState(voters=sorted(conf.voters), learners=sorted(conf.learners))
+    """A membership, removed ids included (snapshot files and InstallSnapshot)."""
+    return wal_pb2.ConfState(
+        voters=sorted(conf.voters), learners=sorted(conf.learners), removed=sorted(conf.removed)
+    )
 
 
-def conf_from_proto(conf: wal_pb2.ConfState) -> ConfState:
-    return ConfState(voters=frozenset(conf.voters), learners=frozenset(conf.learners))
+def conf_from_proto(proto: wal_pb2.ConfState) -> ConfState:
+    """`conf_to_proto`'s inverse. A snapshot written, or a peer running, before removed
+    ids were recorded sends none; an id listed as a member is not removed."""
+    members = frozenset(proto.voters) | frozenset(proto.learners)
+    return ConfState(
+        voters=frozenset(proto.voters),
+        learners=frozenset(proto.learners),
+        removed=frozenset(proto.removed) - members,
+    )
 
 
 def message_to_proto(message: Message) -> wire.Message:

@@ -2,7 +2,8 @@
 
 `Checker` keeps global records (leaders per term, granted votes, every entry seen
 at an (index, term), every committed entry, the state digest at every applied
-index, the commit floor of every read) and checks each event against them.
+index, the membership at every applied conf change and installed snapshot, the
+commit floor of every read) and checks each event against them.
 `StateMachine` is the replicated model: a list of values with a rolling digest.
 """
 
@@ -12,7 +13,16 @@ import hashlib
 import json
 from typing import TYPE_CHECKING
 
-from kmsd.raft import CompactedError, Entry, EntryType, HardState, Message, MessageType, Role
+from kmsd.raft import (
+    CompactedError,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    MessageType,
+    Role,
+)
 
 if TYPE_CHECKING:
     from simnet import SimNode
@@ -68,6 +78,7 @@ class Checker:
         self.max_committed = 0
         self.commit_terms: dict[int, int] = {}  # index -> a term it was known committed in
         self.digests: dict[int, bytes] = {}  # applied index -> state digest
+        self.confs: dict[int, ConfState] = {}  # applied index -> membership
         self.terms: dict[int, HardState] = {}  # node -> last synced hard state
         self.reads: dict[bytes, int] = {}  # read context -> committed floor at issue
         self.reads_served = 0
@@ -164,6 +175,16 @@ class Checker:
         known = self.digests.setdefault(node.sm.index, node.sm.digest)
         if known != node.sm.digest:
             self.fail(f"node {node.id} state differs at applied index {node.sm.index}")
+
+    # membership safety: applying the same log gives every node the same membership
+    # (removed ids included: a skipped change must be skipped everywhere), and a
+    # removed id is never a member again
+    def on_membership(self, node: SimNode, index: int, conf: ConfState) -> None:
+        known = self.confs.setdefault(index, conf)
+        if known != conf:
+            self.fail(f"node {node.id} membership at {index} is {conf}, another's {known}")
+        if conf.removed & (conf.voters | conf.learners):
+            self.fail(f"node {node.id}: a removed id is a member again at {index}: {conf}")
 
     # durability before send
     def on_send(self, node: SimNode, m: Message) -> None:

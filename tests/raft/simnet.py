@@ -307,6 +307,7 @@ class Cluster:
             self.count("snapshot_installed")
             node.sm = StateMachine.restore(ready.snapshot.data)
             node.conf = ready.snapshot.meta.conf
+            self.checker.on_membership(node, ready.snapshot.meta.index, node.conf)
             if node.sm.index != ready.snapshot.meta.index:
                 self.checker.fail("snapshot data does not match its index")
             self.checker.on_applied(node)
@@ -317,6 +318,11 @@ class Cluster:
                 change = ConfChange.decode(entry.data)
                 was_leader = node.raw.soft_state().role == Role.LEADER
                 node.conf = node.raw.apply_conf_change(change)
+                # A snapshot stepped in while this Ready was out already moved the
+                # core's membership ahead (an older change applied on it is skipped).
+                pending = node.raw._raft.log.unstable.snapshot
+                if pending is None or pending.meta.index <= entry.index:
+                    self.checker.on_membership(node, entry.index, node.conf)
                 self.count(f"conf_applied_{change.type.name}")
                 if was_leader and node.raw.soft_state().role != Role.LEADER:
                     self.count("leader_stepped_down_on_removal")
@@ -495,6 +501,16 @@ class Cluster:
         leader = self.leader()
         if leader is None or leader.raw is None:
             return
+        if self.removed_ids:
+            # Ids are never reused: a re-add must be refused, whatever the leader went
+            # through (restarts from snapshots, installed snapshots). Draws no rng.
+            again = ConfChange(ConfChangeType.ADD_LEARNER, min(self.removed_ids), b"addr")
+            try:
+                leader.raw.propose_conf_change(again)
+            except (ProposalDropped, ValueError):
+                self.count("re_add_refused")
+            else:
+                self.checker.fail(f"leader {leader.id} proposed a re-add: {again}")
         conf = leader.conf
         new_node: int | None = None
         if conf.learners:

@@ -280,6 +280,7 @@ class ConfState(_message.Message):
 
     VOTERS_FIELD_NUMBER: _builtins.int
     LEARNERS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Voting members."""
@@ -288,15 +289,23 @@ class ConfState(_message.Message):
     def learners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Non-voting members (learners)."""
 
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids removed from the cluster up to this point: never members again (node ids are
+        never reused), and their messages are refused. Snapshots written before this
+        field existed have none; they load with no removed ids.
+        """
+
     def __init__(
         self,
         *,
         voters: _abc.Iterable[_builtins.int] | None = ...,
         learners: _abc.Iterable[_builtins.int] | None = ...,
+        removed: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners", b"learners", "voters", b"voters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learners", b"learners", "removed", b"removed", "voters", b"voters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
