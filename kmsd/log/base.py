@@ -43,6 +43,35 @@ class StateMachine(Protocol):
         ...
 
 
+class SnapshotPolicy:
+    """When a log snapshots its state machine: once `every` commands were applied since
+    the last snapshot *and* they add up to at least that snapshot's size in bytes.
+
+    A snapshot serializes the whole state on the event loop, so its cost grows with the
+    store; a fixed interval makes the cost per command grow with it too (and the pauses
+    with it). Waiting until the log since the last snapshot is as large as the snapshot
+    keeps the snapshot work per byte written constant, and the log to keep in memory
+    and replay at start at most about as large as the state."""
+
+    def __init__(self, every: int) -> None:
+        if every < 1:
+            raise ValueError("snapshot_every must be >= 1")
+        self.every = every
+        self._bytes_since = 0
+        self._last_size = 0
+
+    def applied(self, command_bytes: int) -> None:
+        self._bytes_since += command_bytes
+
+    def due(self, commands_since: int) -> bool:
+        return commands_since >= self.every and self._bytes_since >= self._last_size
+
+    def taken(self, snapshot_bytes: int) -> None:
+        """A snapshot of this size now covers everything applied."""
+        self._last_size = snapshot_bytes
+        self._bytes_since = 0
+
+
 @dataclass(frozen=True)
 class Applied:
     """The outcome of a proposal: where it sits in the log and what `apply` returned."""

@@ -58,7 +58,7 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import UnavailableError, ValidationError
-from kmsd.log.base import Applied, StateMachine
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine
 from kmsd.log.raft_disk import Member, RaftDisk, founding_log
 from kmsd.raft import (
     ConfChange,
@@ -144,6 +144,7 @@ class RaftLog:
         self._members: dict[int, Member] = {}
         self._applied = 0
         self._snapshot_index = 0
+        self._snapshots = SnapshotPolicy(self.settings.snapshot_every)
         self._role = Role.FOLLOWER
         self._leader = 0
         self._term = 0
@@ -729,6 +730,7 @@ class RaftLog:
         if entry.type == EntryType.NORMAL and len(entry.data) >= _ENVELOPE.size:
             key = entry.data[: _ENVELOPE.size]
             result = self._sm.apply(entry.index, entry.data[_ENVELOPE.size :])
+            self._snapshots.applied(len(entry.data))
             waiter = self._pending.get(key)
             if waiter is not None:
                 _settle(waiter, result=Applied(entry.index, result))
@@ -780,6 +782,7 @@ class RaftLog:
         self._transport.set_members(self._members)
         self._applied = index
         self._snapshot_index = index
+        self._snapshots.taken(len(data))
 
     def _wake_appliers(self) -> None:
         if self._fresh_pending:
@@ -802,13 +805,14 @@ class RaftLog:
         self._apply_waiters = still
 
     async def _maybe_snapshot(self) -> None:
-        if self._applied - self._snapshot_index < self.settings.snapshot_every:
+        if not self._snapshots.due(self._applied - self._snapshot_index):
             return
         storage, raw = self._storage, self._raw
         assert storage is not None and raw is not None
         index = self._applied
         conf = raw.status().conf
         data = self._cluster_snapshot(conf)
+        self._snapshots.taken(len(data))
         snapshot = storage.create_snapshot(index, conf, data)
         await asyncio.get_running_loop().run_in_executor(
             self._io, self._disk.save_snapshot, index, snapshot.meta.term, data

@@ -4,9 +4,10 @@ Owns the write path of a single node: proposals are queued and group-committed b
 one writer task (all proposals that arrive while an fdatasync is in flight go into
 the next write, with one fdatasync), then applied in index order on the event loop
 and answered. Every entry has term 1. The state machine is rebuilt on `start` from
-the latest snapshot plus the WAL suffix, and a snapshot is taken every
-`snapshot_every` entries (serialized on the loop, written off it), after which the
-WAL segments it covers are deleted.
+the latest snapshot plus the WAL suffix, and a snapshot is taken when
+`kmsd.log.base.SnapshotPolicy` says (at least `snapshot_every` entries, and as many
+bytes of commands as the last snapshot had; serialized on the loop, written off it),
+after which the WAL segments it covers are deleted.
 
 Files under `data_dir`: `wal/` (kmsd.storage.wal) and `snap/` (kmsd.storage.snapshots).
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError, UnavailableError
-from kmsd.log.base import Applied, StateMachine
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine
 from kmsd.storage._fsutil import Syncer
 from kmsd.storage.snapshots import Snapshot, SnapshotStore
 from kmsd.storage.wal import DEFAULT_SEGMENT_BYTES, RecoveredState, TailRepair, Wal
@@ -88,11 +89,9 @@ class SingleNodeLog:
     ) -> None:
         """`datasync` and `snapshot_fsync` make WAL and snapshot files durable; they are
         seams for tests (count or fail syncs) and default to the real system calls."""
-        if snapshot_every < 1:
-            raise ValueError("snapshot_every must be >= 1")
         self._data_dir = data_dir
         self._sm = state_machine
-        self._snapshot_every = snapshot_every
+        self._snapshots = SnapshotPolicy(snapshot_every)
         self._on_fatal = on_fatal
         self._segment_bytes = segment_bytes
         self._max_batch_bytes = max_batch_bytes
@@ -352,6 +351,7 @@ class SingleNodeLog:
                 self._fail(exc, f"state machine apply of index {index} raised {type(exc).__name__}")
                 return
             self._applied_index = index
+            self._snapshots.applied(len(proposal.command))
             if not proposal.future.done():
                 proposal.future.set_result(Applied(index, result))
         self._inflight = []
@@ -368,11 +368,12 @@ class SingleNodeLog:
     def _maybe_snapshot(self) -> None:
         if self._state is not _State.RUNNING or self._snapshot_task is not None:
             return
-        if self._applied_index - self._snapshot_index < self._snapshot_every:
+        if not self._snapshots.due(self._applied_index - self._snapshot_index):
             return
         index = self._applied_index
         # Serialized here, between applies, so the bytes match exactly `index`.
         data = self._sm.snapshot()
+        self._snapshots.taken(len(data))
         self._snapshot_task = asyncio.create_task(
             self._save_snapshot(index, data), name="kmsd-log-snapshot"
         )
