@@ -32,7 +32,13 @@ from kmsd.config import DEFAULT_ACCOUNT, DEFAULT_REGION
 from kmsd.crypto import ciphertext
 from kmsd.crypto.keygen import material_id
 
-__all__ = ["BareKeyManagementServicer", "build_bare_server", "main"]
+__all__ = [
+    "BareKeyManagementServicer",
+    "build_bare_server",
+    "build_server",
+    "main",
+    "serve_until_signalled",
+]
 
 SYMMETRIC = res.ENCRYPTION_ALGORITHM_SPEC_SYMMETRIC_DEFAULT
 MATERIAL_VERSION = 1
@@ -92,16 +98,17 @@ class BareKeyManagementServicer(pb_grpc.KeyManagementServiceServicer):
         )
 
 
-def build_bare_server(listen: str) -> tuple[grpc.aio.Server, int]:
-    """A not yet started server bound to `listen`, with kmsd's server options."""
+def build_server(
+    servicer: pb_grpc.KeyManagementServiceServicer, listen: str
+) -> tuple[grpc.aio.Server, int]:
+    """A not yet started server for `servicer` bound to `listen`, with kmsd's server
+    options (shared by the benchmarks' stand-in servers)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
     )
-    # The other methods keep the generated UNIMPLEMENTED bodies (abstract only in the stubs).
-    servicer = BareKeyManagementServicer()  # type: ignore[abstract]
     pb_grpc.add_KeyManagementServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:
@@ -109,16 +116,26 @@ def build_bare_server(listen: str) -> tuple[grpc.aio.Server, int]:
     return server, port
 
 
-async def _serve(port: int) -> None:
-    server, bound = build_bare_server(f"127.0.0.1:{port}")
+def build_bare_server(listen: str) -> tuple[grpc.aio.Server, int]:
+    """The bare service, not yet started, bound to `listen`."""
+    # The other methods keep the generated UNIMPLEMENTED bodies (abstract only in the stubs).
+    return build_server(BareKeyManagementServicer(), listen)  # type: ignore[abstract]
+
+
+async def serve_until_signalled(server: grpc.aio.Server, bound: int, name: str) -> None:
+    """Starts `server`, says where it listens, serves until SIGINT or SIGTERM."""
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"bare service: serving on 127.0.0.1:{bound}", flush=True)
+    print(f"{name}: serving on 127.0.0.1:{bound}", flush=True)
     await stop.wait()
     await server.stop(grace=2.0)
+
+
+async def _serve(port: int) -> None:
+    await serve_until_signalled(*build_bare_server(f"127.0.0.1:{port}"), "bare service")
 
 
 def main(argv: list[str] | None = None) -> int:

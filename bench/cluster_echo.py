@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ import grpc
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
+from bench.bare_service import build_server, serve_until_signalled
 from bench.cluster_procs import Child, Children, free_ports
-from kmsd.api.server import MAX_MESSAGE_BYTES
 
 __all__ = ["EchoServer", "build_echo_server", "main"]
 
@@ -47,30 +46,12 @@ class EchoServicer(pb_grpc.KeyManagementServiceServicer):
 
 def build_echo_server(listen: str) -> tuple[grpc.aio.Server, int]:
     """A not yet started server bound to `listen`, with kmsd's server options."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
     # The other methods keep the generated UNIMPLEMENTED bodies (abstract only in the stubs).
-    pb_grpc.add_KeyManagementServiceServicer_to_server(EchoServicer(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return server, port
+    return build_server(EchoServicer(), listen)  # type: ignore[abstract]
 
 
 async def _serve(port: int) -> None:
-    server, bound = build_echo_server(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    print(f"echo server: serving on 127.0.0.1:{bound}", flush=True)
-    await stop.wait()
-    await server.stop(grace=2.0)
+    await serve_until_signalled(*build_echo_server(f"127.0.0.1:{port}"), "echo server")
 
 
 class EchoServer:
