@@ -78,7 +78,7 @@ from kmsd.raft import (
     Status,
 )
 from kmsd.transport.base import LeaderUnreachable, Overloaded, Transport
-from kmsd.transport.codec import conf_from_proto, conf_to_proto
+from kmsd.transport.codec import conf_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -774,10 +774,6 @@ class RaftLog:
     def _restore(self, data: bytes, index: int) -> None:
         cluster = wal_pb2.ClusterSnapshot.FromString(data)
         self._sm.restore(cluster.state)
-        if self._raw is not None:
-            # A snapshot received from a peer: the core took its membership from the
-            # metadata, which the peer transport carries without the removed ids.
-            self._raw.note_removed(conf_from_proto(cluster.conf).removed)
         self._members = {m.id: Member.from_proto(m) for m in cluster.members}
         self._transport.set_members(self._members)
         self._applied = index

@@ -450,9 +450,6 @@ class Raft:
     def conf_change_refusal(self, change: ConfChange) -> str | None:
         return self.membership.refusal(change)
 
-    def note_removed(self, ids: frozenset[int]) -> None:
-        self.membership.note_removed(ids)  # members stay: voters and progress unchanged
-
     def apply_conf_change(self, change: ConfChange) -> ConfState:
         conf = self.membership.apply(change)
         if self.leadership is not None and not self.leadership.on_conf_change():

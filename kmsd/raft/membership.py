@@ -44,11 +44,6 @@ class Membership:
         self.learners = set(conf.learners)
         self.removed = (self.removed | conf.removed) - self.voters - self.learners
 
-    def note_removed(self, ids: frozenset[int]) -> None:
-        """Remembers ids removed as of a snapshot the driver restored (its data may
-        carry them when its metadata did not). Members stay members."""
-        self.removed |= ids - self.members()
-
     def apply(self, change: ConfChange) -> ConfState:
         """Applies a committed change; a change `refusal` refuses is skipped (a no-op),
         so every node applying the same log ends with the same membership."""

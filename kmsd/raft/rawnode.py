@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterable
 
 from .config import Config
 from .core import Raft
@@ -131,14 +130,6 @@ class RawNode:
         with a refusal is skipped by `apply_conf_change`: a driver asks first to tell
         whoever proposed it."""
         return self._raft.conf_change_refusal(change)
-
-    def note_removed(self, ids: Iterable[int]) -> None:
-        """Remembers `ids` as removed (never members again; their messages refused).
-        For a driver whose snapshot data carries the removed ids when the snapshot's
-        metadata did not (a transport that drops `ConfState.removed`): call it when
-        restoring such a snapshot, before applying the entries after it. Ids that are
-        members are ignored."""
-        self._raft.note_removed(frozenset(ids))
 
     def read_index(self, context: bytes) -> None:
         """Requests a linearizable read; a ReadState with `context` arrives in a later

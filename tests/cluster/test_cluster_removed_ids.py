@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -157,10 +156,8 @@ def test_a_removed_id_is_still_refused_after_a_snapshot_and_a_restart(tmp_path: 
 
 
 class WireSnapshots(InMemoryNetwork):
-    """Snapshots travel as the gRPC transport sends them (metadata through the wire
-    codec, the data, a ClusterSnapshot, as is), but as a peer running an older kmsd
-    sends them: without removed ids in the metadata, so the driver must take them
-    from the data."""
+    """Snapshots travel as the gRPC transport sends them: metadata through the wire
+    codec, the data (a ClusterSnapshot) as is."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -172,8 +169,7 @@ class WireSnapshots(InMemoryNetwork):
             assert wire.snapshot is not None
             meta = wire.snapshot.meta
             assert meta.conf.removed == message.snapshot.meta.conf.removed, "the codec carries them"
-            older = replace(meta, conf=replace(meta.conf, removed=frozenset()))
-            message = replace(wire, snapshot=replace(wire.snapshot, meta=older))
+            message = wire
             if self.linked(message.src, message.dst):
                 self.snapshots_to.append(message.dst)
         super().deliver(message)

@@ -164,7 +164,7 @@ def test_a_follower_installing_a_snapshot_learns_the_removed_ids() -> None:
     assert net[5].raw.status().commit >= index
 
 
-def test_an_old_snapshot_without_removed_ids_still_loads_and_note_removed_fills_in() -> None:
+def test_an_old_snapshot_without_removed_ids_still_loads() -> None:
     storage, index = _snapshot_after_removal()
     old = storage.snapshot()
     legacy = MemoryStorage()
@@ -178,10 +178,6 @@ def test_an_old_snapshot_without_removed_ids_still_loads_and_note_removed_fills_
     node = Node(1, storage=legacy)
     assert node.raw.status().conf == ConfState(frozenset({1, 2}))
     assert node.raw.conf_change_refusal(ConfChange(ADD_LEARNER, 3)) is None
-    # A driver whose snapshot data lists the removed ids tells the core.
-    node.raw.note_removed([3, 1])  # a member id is ignored
-    assert node.raw.status().conf == ConfState(frozenset({1, 2}), frozenset(), frozenset({3}))
-    assert node.raw.conf_change_refusal(ConfChange(ADD_LEARNER, 3)) is not None
 
 
 def test_a_snapshot_naming_a_removed_id_as_member_is_dropped() -> None:
