@@ -124,45 +124,36 @@ class AuditHook:
         writer = self.writer
         if not writer.available:
             await abort(context, writer.unavailable_error())
-        writer.calls_in_flight += 1
+        writer.calls_in_flight += 1  # see AuditWriter._sync_inline
         try:
-            return await self._call(request, context, run, principal)
+            try:
+                response = await run()
+            except KmsError as error:
+                await self._record(
+                    self.event(request, context, None, error, principal=principal), context
+                )
+                await abort(context, error)
+            except grpc.aio.AbortError:
+                raise  # the body aborted the call itself (never expected)
+            except Exception:
+                # The traceback names code, never request contents (which may be plaintext).
+                log.exception("internal error in %s", _shape(request).operation)
+                internal = InternalError("internal error")
+                await self._record(
+                    self.event(request, context, None, internal, principal=principal), context
+                )
+                await abort(context, internal)
+            except asyncio.CancelledError:
+                self._record_nowait(
+                    self.event(request, context, None, None, cancelled=True, principal=principal)
+                )
+                raise
+            await self._record(
+                self.event(request, context, response, None, principal=principal), context
+            )
+            return response
         finally:
             writer.calls_in_flight -= 1
-
-    async def _call(
-        self,
-        request: Message,
-        context: Ctx,
-        run: Callable[[], Awaitable[Resp]],
-        principal: str | None,
-    ) -> Resp:
-        try:
-            response = await run()
-        except KmsError as error:
-            await self._record(
-                self.event(request, context, None, error, principal=principal), context
-            )
-            await abort(context, error)
-        except grpc.aio.AbortError:
-            raise  # the body aborted the call itself (never expected)
-        except Exception:
-            # The traceback names code, never request contents (which may be plaintext).
-            log.exception("internal error in %s", _shape(request).operation)
-            internal = InternalError("internal error")
-            await self._record(
-                self.event(request, context, None, internal, principal=principal), context
-            )
-            await abort(context, internal)
-        except asyncio.CancelledError:
-            self._record_nowait(
-                self.event(request, context, None, None, cancelled=True, principal=principal)
-            )
-            raise
-        await self._record(
-            self.event(request, context, response, None, principal=principal), context
-        )
-        return response
 
     async def refused(self, context: Ctx, type_name: str, error: KmsError) -> None:
         """Records a request refused before it reached an operation (it did not parse)."""

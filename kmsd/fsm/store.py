@@ -11,7 +11,6 @@ Key material is held only as the seal-wrapped bytes the command carried.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -51,9 +50,6 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-# Records of a table have a handful of sizes: their length prefixes are made once.
-_length_prefix = functools.lru_cache(maxsize=4096)(_varint)
-
 # Wire tags (field number << 3 | length-delimited) of Snapshot.keys and .dedupe.
 _KEYS_TAG = _varint(fsm.Snapshot.KEYS_FIELD_NUMBER << 3 | 2)
 _DEDUPE_TAG = _varint(fsm.Snapshot.DEDUPE_FIELD_NUMBER << 3 | 2)
@@ -61,10 +57,9 @@ _DEDUPE_TAG = _varint(fsm.Snapshot.DEDUPE_FIELD_NUMBER << 3 | 2)
 
 def _append_repeated(parts: list[bytes], tag: bytes, records: Iterable[Message]) -> None:
     """Appends the wire encoding of a repeated message field holding `records`."""
-    varint = _length_prefix
     for record in records:
         body = record.SerializeToString(deterministic=True)
-        parts += (tag, varint(len(body)), body)
+        parts += (tag, _varint(len(body)), body)
 
 
 class KeyStore:
