@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from audit_records import audit_records
 from kms.v1 import cluster_service_pb2 as cpb
 from kms.v1 import cluster_service_pb2_grpc as cpb_grpc
 from kms.v1 import kms_service_pb2 as pb
@@ -17,7 +18,6 @@ from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from kms.v1 import resources_pb2 as res
 
 from inprocess import NAMES, open_kms
-from kms_client.audit_verify import audit_files
 from kmsd.api.audit import AuditHook
 from kmsd.app import Node
 from kmsd.auth.authorizer import Caller
@@ -146,11 +146,7 @@ def test_cluster_service_is_for_operators_and_refusals_are_recorded(tmp_path: Pa
                 await kms.CreateKey(pb.CreateKeyRequest())
         finally:
             await node.stop()
-        trail = [
-            json.loads(line)
-            for path in audit_files(config.audit_dir)
-            for line in path.read_bytes().splitlines()
-        ]
+        trail = audit_records(config.audit_dir)
         refused = [r for r in trail if r["operation"] == "GetClusterStatus"]
         assert len(refused) == 1
         assert refused[0]["outcome"] == "error"

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import signal
@@ -12,10 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from audit_records import audit_records
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import resources_pb2 as res
 
@@ -35,14 +34,6 @@ def kmsctl(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-def records(directory: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in audit_files(directory)
-        for line in path.read_bytes().splitlines()
-    ]
 
 
 def exercise(process: KmsdProcess) -> None:
@@ -76,7 +67,7 @@ def test_real_node_records_allowed_and_refused_requests_and_kmsctl_verifies(
         exercise(process)
     finally:
         assert process.stop() == 0
-    got = records(directory)
+    got = audit_records(directory)
     summary = [(r["operation"], r["outcome"], r["aws_exception"]) for r in got]
     assert summary == [
         ("CreateKey", "ok", ""),
@@ -110,7 +101,7 @@ def test_real_node_records_allowed_and_refused_requests_and_kmsctl_verifies(
     ok = kmsctl("audit", "verify", str(directory))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.splitlines()[0] == "OK: 18 records"
-    assert [r["seq"] for r in records(directory)] == list(range(1, 19))
+    assert [r["seq"] for r in audit_records(directory)] == list(range(1, 19))
 
     # Tampering: delete the record in the middle, then edit one byte.
     path = audit_files(directory)[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from audit_records import audit_records
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kms.v1 import cluster_service_pb2 as cpb
 from kms.v1 import cluster_service_pb2_grpc as cpb_grpc
@@ -47,14 +47,6 @@ def run_node(data_dir: Path, scenario: Scenario, **audit: Any) -> None:
             await node.stop()
 
     asyncio.run(main())
-
-
-def records(directory: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in audit_files(directory)
-        for line in path.read_bytes().splitlines()
-    ]
 
 
 def encodings(secret: bytes) -> list[bytes]:
@@ -123,7 +115,7 @@ def test_crypto_operations_are_recorded_without_plaintext_data_keys_or_blobs(
     for what, secret in secrets.items():
         for form in encodings(secret):
             assert form not in everything, f"the {what} appears in the audit log"
-    got = records(directory)
+    got = audit_records(directory)
     ops = [r["operation"] for r in got]
     assert ops == [
         "CreateKey",
@@ -201,7 +193,7 @@ def test_refused_requests_are_recorded_with_their_reason(tmp_path: Path) -> None
 
     directory = tmp_path / "data" / "audit"
     run_node(tmp_path / "data", scenario)
-    got = records(directory)
+    got = audit_records(directory)
     summary = [
         (r["operation"], r["outcome"], r["error_reason"], r["aws_exception"], r["key_arn"])
         for r in got
@@ -277,7 +269,7 @@ def test_the_node_fails_closed_while_the_audit_log_cannot_be_written(tmp_path: P
 
     directory = tmp_path / "data" / "audit"
     run_node(tmp_path / "data", scenario)
-    got = records(directory)
+    got = audit_records(directory)
     assert [r["operation"] for r in got] == ["CreateKey", "AuditRecovery", "Encrypt"]
     assert got[1]["detail"]["refused_records"] == 1
     assert verify([directory]).ok

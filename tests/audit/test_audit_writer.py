@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from audit_records import audit_records
 
 from kms_client.audit_verify import GENESIS, audit_files, file_name, verify
 from kmsd.audit.record import AuditEvent
@@ -53,14 +54,6 @@ class Syncs:
         os.fdatasync(fd)
 
 
-def records(directory: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in audit_files(directory)
-        for line in path.read_bytes().splitlines()
-    ]
-
-
 def run(
     directory: Path,
     scenario: Callable[[AuditWriter], Awaitable[None]],
@@ -83,7 +76,7 @@ def test_records_are_chained_and_verify(tmp_path: Path) -> None:
             await writer.record(event(n, "ok" if n % 2 else "error"))
 
     run(tmp_path, scenario)
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     assert [r["seq"] for r in got] == [1, 2, 3, 4, 5]
     assert got[0]["prev"] == GENESIS
     assert all(b["prev"] == a["hash"] for a, b in zip(got, got[1:], strict=False))
@@ -222,7 +215,7 @@ def test_rotation_keeps_one_chain_across_files(tmp_path: Path) -> None:
     assert [p.name for p in files] == [file_name(s) for s in seqs]
     # Every file but the last reached the limit (rotation happens once it is reached).
     assert all(p.stat().st_size >= 2000 for p in files[:-1])
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     assert [r["seq"] for r in got] == list(range(1, 41))
     first_of_second = json.loads(files[1].read_bytes().splitlines()[0])
     last_of_first = json.loads(files[0].read_bytes().splitlines()[-1])
@@ -240,9 +233,9 @@ def test_restart_continues_the_chain_from_the_newest_file(tmp_path: Path) -> Non
         await writer.record(event(99))
 
     run(tmp_path, first, max_file_bytes=2000)
-    before = records(tmp_path)
+    before = audit_records(tmp_path)
     run(tmp_path, second, max_file_bytes=2000)
-    after = records(tmp_path)
+    after = audit_records(tmp_path)
     assert after[:-1] == before
     assert after[-1]["seq"] == 13 and after[-1]["prev"] == before[-1]["hash"]
     assert verify([tmp_path]).records == 13
@@ -277,7 +270,7 @@ def test_torn_tail_is_cut_and_named_by_a_recovery_record(
         await writer.record(event(50))
 
     run(tmp_path, scenario)
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     assert path.read_bytes().startswith(intact)
     recovery = got[3]
     assert recovery["operation"] == "AuditRecovery" and recovery["principal"] == "kmsd"
@@ -302,7 +295,7 @@ def test_a_torn_first_record_of_a_rotated_file_continues_from_the_file_before(
         await writer.record(event(9))
 
     run(tmp_path, scenario)
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     assert [r["seq"] for r in got] == [1, 2, 3, 4, 5]
     assert got[3]["operation"] == "AuditRecovery"
     assert verify([tmp_path]).ok
@@ -358,7 +351,7 @@ def test_fsync_failure_fails_the_request_and_closes_the_log_until_it_recovers(
         retry_interval_s=0.01,
         on_availability=states.append,
     )
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     # Record 2 (refused request) was written but never acknowledged: it was cut, and
     # the recovery record says so; the chain continues from record 1.
     assert [r["request_id"] for r in got] == ["req-1", "", "req-4"]
@@ -408,7 +401,7 @@ def test_recovery_keeps_retrying_while_the_disk_keeps_failing(tmp_path: Path) ->
         await writer.record(event(3))
 
     run(tmp_path, scenario, syncer=syncs, retry_interval_s=0.01)
-    got = records(tmp_path)
+    got = audit_records(tmp_path)
     assert [r["request_id"] for r in got] == ["req-1", "", "req-3"]
     assert got[1]["detail"]["cut_bytes"] > 0, "the cut of a failed attempt is still named"
     assert verify([tmp_path]).ok
@@ -426,7 +419,7 @@ def test_a_cancelled_caller_leaves_the_chain_intact(tmp_path: Path) -> None:
         await writer.record(event(2))
 
     run(tmp_path, scenario, inline_sync=False, syncer=syncs)
-    assert [r["request_id"] for r in records(tmp_path)] == ["req-1", "req-2"]
+    assert [r["request_id"] for r in audit_records(tmp_path)] == ["req-1", "req-2"]
     assert verify([tmp_path]).ok
 
 

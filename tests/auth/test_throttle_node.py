@@ -5,18 +5,17 @@ audited, and the Python client maps it to its own exception class."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from audit_records import audit_records
 from google.rpc import error_details_pb2, status_pb2
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from kms_client import KmsClient
-from kms_client.audit_verify import audit_files
 from kms_client.errors import ThrottlingException
 from kmsd.app import Node
 from kmsd.config import config_from_dict
@@ -83,11 +82,7 @@ def test_a_caller_past_its_burst_is_throttled_with_retry_info_and_audited(
             await node.stop()
 
     asyncio.run(main())
-    records = [
-        json.loads(line)
-        for path in audit_files(tmp_path / "node" / "audit")
-        for line in path.read_bytes().splitlines()
-    ]
+    records = audit_records(tmp_path / "node" / "audit")
     calls = [r for r in records if r["operation"] == "GenerateRandom"]
     assert [r["outcome"] for r in calls] == ["ok"] * BURST + ["error", "error"]
     assert calls[-1]["error_reason"] == "THROTTLING"
@@ -119,11 +114,7 @@ def test_the_client_waits_out_a_short_throttle_and_succeeds(tmp_path: Path) -> N
             await node.stop()
 
     asyncio.run(main())
-    records = [
-        json.loads(line)
-        for path in audit_files(tmp_path / "node" / "audit")
-        for line in path.read_bytes().splitlines()
-    ]
+    records = audit_records(tmp_path / "node" / "audit")
     calls = [r for r in records if r["operation"] == "GenerateRandom"]
     throttled = [r for r in calls if r["outcome"] == "error"]
     assert throttled and all(r["error_reason"] == "THROTTLING" for r in throttled)

@@ -5,21 +5,19 @@ runs, and the loopback-only plaintext mode."""
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from audit_records import audit_records
 from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
-from kms_client.audit_verify import audit_files
 from kmsd.auth import certs
 from kmsd_process import ADMIN_PRINCIPAL, KmsdProcess
 
@@ -44,14 +42,6 @@ def random_bytes(endpoint: str, creds: grpc.ChannelCredentials | None) -> bytes:
         stub = pb_grpc.KeyManagementServiceStub(channel)
         reply = stub.GenerateRandom(pb.GenerateRandomRequest(number_of_bytes=8), timeout=10)
         return bytes(reply.plaintext)
-
-
-def audit_records(data_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for path in audit_files(data_dir / "audit")
-        for line in path.read_bytes().splitlines()
-    ]
 
 
 def kmsctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -96,7 +86,7 @@ def test_audit_records_the_certificate_uri_san(kmsd: KmsdProcess, tmp_path: Path
         random_bytes(kmsd.endpoint, credentials(kmsd.ca_path, alice))
     except grpc.RpcError as error:  # allowed or denied: recorded either way
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    records = audit_records(kmsd.data_dir)
+    records = audit_records(kmsd.data_dir / "audit")
     principals = {(r["operation"], r["principal"]) for r in records}
     assert ("CreateKey", ADMIN_PRINCIPAL) in principals
     assert ("GenerateRandom", "spiffe://kmsd-dev/user/alice") in principals
@@ -185,4 +175,4 @@ def test_plaintext_dev_is_loud_and_anonymous(tmp_path: Path) -> None:
     log = process.log_path.read_text()
     assert "WARNING" in log and "plaintext: no authentication, loopback only" in log
     assert not (process.data_dir / "tls").exists()
-    assert {r["principal"] for r in audit_records(process.data_dir)} == {"anonymous"}
+    assert {r["principal"] for r in audit_records(process.data_dir / "audit")} == {"anonymous"}
