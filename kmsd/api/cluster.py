@@ -8,10 +8,11 @@ Every ClusterService RPC is for operators: a caller whose principal is not in
 audit log like any refusal.
 
 A membership change that cannot be valid (adding a removed id, since ids are never
-reused, or an existing member; removing a non-member) is refused on whichever node
-answers, before anything is proposed, with INVALID_ARGUMENT naming `node_id`. The
-leader checks again when proposing (its applied membership is authoritative), and
-a change that commits anyway is skipped on every node and reported the same way.
+reused, or an existing member; removing a non-member) is refused by the log
+(`RaftLog._change_conf`, from the core's rules) on whichever node answers, before
+anything is proposed, with INVALID_ARGUMENT naming `node_id`. The leader checks
+again when proposing (its applied membership is authoritative), and a change that
+commits anyway is skipped on every node and reported the same way.
 """
 
 from __future__ import annotations
@@ -165,15 +166,6 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         node_id = request.node_id
         if node_id < 1:
             raise ValidationError("node_id", "must be a positive integer")
-        conf = raft.status().conf
-        if node_id in conf.removed:
-            raise ValidationError(
-                "node_id",
-                f"node {node_id} was removed from this cluster and node ids are never"
-                " reused: add the node under a new id, with an empty data directory",
-            )
-        if node_id in raft.members or node_id in conf.voters | conf.learners:
-            raise ValidationError("node_id", f"node {node_id} is already a member")
         for field in ("peer_address", "client_address"):
             if ":" not in getattr(request, field):
                 raise ValidationError(field, "must be host:port")
@@ -192,15 +184,6 @@ class ClusterServicer(pb_grpc.ClusterServiceServicer):
         node_id = request.node_id
         if node_id < 1:
             raise ValidationError("node_id", "must be a positive integer")
-        conf = raft.status().conf
-        if node_id in conf.removed:
-            raise ValidationError("node_id", f"node {node_id} was already removed")
-        members = conf.voters | conf.learners
-        if node_id not in members:
-            raise ValidationError(
-                "node_id",
-                f"node {node_id} is not a member (members: {', '.join(map(str, sorted(members)))})",
-            )
         index = await raft.remove_member(node_id)
         return pb.RemoveMemberResponse(commit_index=index)
 

@@ -437,9 +437,15 @@ class RaftLog:
 
     async def _change_conf(self, change: ConfChange) -> int:
         """Proposes `change` and returns its index once applied here. ValidationError
-        (naming node_id) if the core refuses it, or if it committed but was skipped
-        when applied (an invalid change that slipped through: every node skips it)."""
+        (naming node_id) if this node's applied membership refuses it (checked on any
+        node, before anything is proposed), if the leader's core refuses it, or if it
+        committed but was skipped when applied (an invalid change that slipped through:
+        every node skips it)."""
         self._check_running()
+        assert self._raw is not None
+        refusal = self._raw.conf_change_refusal(change)
+        if refusal is not None:
+            raise ValidationError("node_id", refusal)
         if not self.is_leader():
             raise self._not_leader()
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -206,9 +206,10 @@ def test_a_follower_installing_a_snapshot_from_the_wire_refuses_the_removed_ids(
 def test_a_committed_re_add_of_a_removed_id_is_skipped_everywhere_and_the_caller_told(
     tmp_path: Path,
 ) -> None:
-    """A change for a removed id that commits anyway (here: the leader's proposal check
-    is bypassed once, as for a leader that had forgotten the removal) is skipped on
-    every node, the proposer gets an error naming node_id, and nothing stops."""
+    """A change for a removed id that commits anyway (here: the leader's checks before
+    proposing, the log's and the core's, are bypassed, as for a leader that had
+    forgotten the removal) is skipped on every node, the proposer gets an error naming
+    node_id, and nothing stops."""
 
     async def scenario(cluster: Cluster) -> None:
         leader = await cluster.leader()
@@ -219,17 +220,17 @@ def test_a_committed_re_add_of_a_removed_id_is_skipped_everywhere_and_the_caller
         real_refusal = membership.refusal
         bypassed: list[ConfChange] = []
 
-        def refuse_nothing_once(change: ConfChange) -> str | None:
-            if not bypassed:
+        def refuse_nothing_before_proposing(change: ConfChange) -> str | None:
+            if len(bypassed) < 2:
                 bypassed.append(change)
                 return None
             return real_refusal(change)
 
-        membership.refusal = refuse_nothing_once  # type: ignore[method-assign]
+        membership.refusal = refuse_nothing_before_proposing  # type: ignore[method-assign]
         with pytest.raises(ValidationError, match="skipped: node .* was removed") as info:
             await leader.add_member(Member(victim, "peer-x", "client-x"))
         assert [v.field for v in info.value.violations] == ["node_id"]
-        assert len(bypassed) == 1
+        assert len(bypassed) == 2
         for node_id, node in cluster.nodes.items():
             await until(lambda n=node: n.applied_index >= leader.applied_index, "apply")
             conf = node.status().conf
