@@ -104,11 +104,6 @@ class Policy:
     text: str
     statements: tuple[Statement, ...]
 
-    @property
-    def condition_keys(self) -> frozenset[str]:
-        """Every condition key (lowercased) the statements use."""
-        return frozenset(c.key for s in self.statements for c in s.conditions)
-
 
 def evaluate(policy: Policy, request: AccessRequest) -> Decision:
     """DENY if a statement denies the request, else ALLOW if one allows it, else NONE."""

@@ -347,9 +347,3 @@ class PeerTls(ServerTls):
         """A new asyncio channel to the peer at `address` (host:port; its certificate
         must name that host), made from the current files."""
         return grpc.aio.secure_channel(address, self.channel_credentials(), options)
-
-    def sync_channel(
-        self, address: str, options: Sequence[tuple[str, Any]] | None = None
-    ) -> grpc.Channel:
-        """As `channel`, blocking API."""
-        return grpc.secure_channel(address, self.channel_credentials(), options)

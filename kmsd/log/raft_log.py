@@ -147,7 +147,6 @@ class RaftLog:
         self._snapshots = SnapshotPolicy(self.settings.snapshot_every)
         self._role = Role.FOLLOWER
         self._leader = 0
-        self._term = 0
         self._wake = asyncio.Event()
         self._tick_due = False
         self._next_tick = 0.0
@@ -220,7 +219,6 @@ class RaftLog:
             storage,
             self._rng,
         )
-        self._term = self._raw.term
         self._transport.bind(self)
         await self._transport.start()
         self._task = asyncio.create_task(self._run(), name=f"raft-{self.node_id}")
@@ -675,7 +673,6 @@ class RaftLog:
             storage.append(ready.entries)
         if ready.hard_state is not None:
             storage.set_hard_state(ready.hard_state)
-            self._term = ready.hard_state.term
         if ready.soft_state is not None:
             self._on_soft_state(ready.soft_state.leader, ready.soft_state.role)
         if ready.messages and not send_first:
