@@ -7,6 +7,11 @@ rejection; it never raises for a bad command and never reads a clock or an
 RNG, so every replica that applies the same log holds the same bytes.
 
 Key material is held only as the seal-wrapped bytes the command carried.
+
+Records are copy-on-write: a command that changes a key or an alias stores a changed
+copy and never touches the record it replaced. That is what makes `freeze` cheap: a
+snapshot image is a list of the current records, encoded later on another thread
+while commands go on being applied.
 """
 
 from __future__ import annotations
@@ -153,23 +158,38 @@ class KeyStore:
         return result
 
     def snapshot(self) -> bytes:
-        """The state as a serialized `kms.fsm.v1.Snapshot` (equal stores, equal bytes).
+        """The state as a serialized `kms.fsm.v1.Snapshot` (equal stores, equal bytes)."""
+        return self.freeze()()
 
-        The two big tables (keys, request ids) are encoded record by record and joined
-        onto the rest: a valid encoding of the same message (fields may come in any
-        order on the wire) built in half the time, because building one Snapshot
-        message first copies every record. It runs on the event loop, so it matters.
+    def freeze(self) -> Callable[[], bytes]:
+        """The state as of now, as a function returning what `snapshot` returns now.
+
+        Taking it costs a list of references per table; the function does the
+        encoding, safe on any thread while `apply` goes on (records are replaced,
+        never changed, so the image cannot move). The two big tables (keys, request
+        ids) are encoded record by record and joined onto the rest: a valid encoding
+        of the same message (fields may come in any order on the wire) built in half
+        the time, because building one Snapshot message first copies every record.
         """
-        rest = fsm.Snapshot(
-            applied_index=self._applied_index,
-            aliases=[self._aliases[name] for name in sorted(self._aliases)],
-            last_now_ms=self._last_now_ms,
-            grants=list(self._grants.values()),
-        ).SerializeToString(deterministic=True)
-        parts = [rest]
-        _append_repeated(parts, _KEYS_TAG, self._keys.values())
-        _append_repeated(parts, _DEDUPE_TAG, self._dedupe.values())
-        return b"".join(parts)
+        applied_index, last_now_ms = self._applied_index, self._last_now_ms
+        aliases = [self._aliases[name] for name in sorted(self._aliases)]
+        grants = list(self._grants.values())
+        keys = list(self._keys.values())
+        dedupe = list(self._dedupe.values())
+
+        def encode() -> bytes:
+            rest = fsm.Snapshot(
+                applied_index=applied_index,
+                aliases=aliases,
+                last_now_ms=last_now_ms,
+                grants=grants,
+            ).SerializeToString(deterministic=True)
+            parts = [rest]
+            _append_repeated(parts, _KEYS_TAG, keys)
+            _append_repeated(parts, _DEDUPE_TAG, dedupe)
+            return b"".join(parts)
+
+        return encode
 
     def restore(self, data: bytes) -> None:
         snap = fsm.Snapshot()
@@ -254,6 +274,14 @@ class KeyStore:
             raise NotFoundError(f"Key '{key_id}' does not exist.")
         return key
 
+    def _for_update(self, key_id: str, operation: str) -> fsm.KeyRecord:
+        """`_checked`, then a copy of the key put in its place for the caller to change
+        (copy-on-write: a frozen snapshot image may still hold the original)."""
+        key = fsm.KeyRecord()
+        key.CopyFrom(self._checked(key_id, operation))
+        self._keys[key_id] = key
+        return key
+
     def _create_key(self, cmd: fsm.Command) -> str:
         c = cmd.create_key
         if c.key_id in self._keys:
@@ -279,30 +307,30 @@ class KeyStore:
 
     def _update_key_description(self, cmd: fsm.Command) -> str:
         c = cmd.update_key_description
-        key = self._checked(c.key_id, "UpdateKeyDescription")
+        key = self._for_update(c.key_id, "UpdateKeyDescription")
         key.description = c.description
         return c.key_id
 
     def _enable_key(self, cmd: fsm.Command) -> str:
-        key = self._checked(cmd.enable_key.key_id, "EnableKey")
+        key = self._for_update(cmd.enable_key.key_id, "EnableKey")
         key.key_state = res.KEY_STATE_ENABLED
         return key.key_id
 
     def _disable_key(self, cmd: fsm.Command) -> str:
-        key = self._checked(cmd.disable_key.key_id, "DisableKey")
+        key = self._for_update(cmd.disable_key.key_id, "DisableKey")
         key.key_state = res.KEY_STATE_DISABLED
         return key.key_id
 
     def _schedule_key_deletion(self, cmd: fsm.Command) -> str:
         c = cmd.schedule_key_deletion
-        key = self._checked(c.key_id, "ScheduleKeyDeletion")
+        key = self._for_update(c.key_id, "ScheduleKeyDeletion")
         key.key_state = res.KEY_STATE_PENDING_DELETION
         key.pending_window_in_days = c.pending_window_in_days
         key.deletion_date_ms = cmd.now_ms + c.pending_window_in_days * DAY_MS
         return key.key_id
 
     def _cancel_key_deletion(self, cmd: fsm.Command) -> str:
-        key = self._checked(cmd.cancel_key_deletion.key_id, "CancelKeyDeletion")
+        key = self._for_update(cmd.cancel_key_deletion.key_id, "CancelKeyDeletion")
         key.key_state = res.KEY_STATE_DISABLED
         key.pending_window_in_days = 0
         key.deletion_date_ms = 0
@@ -347,8 +375,11 @@ class KeyStore:
         if alias is None:
             raise NotFoundError(f"Alias {c.alias_name} does not exist.")
         self._checked(c.target_key_id, "UpdateAlias")
-        alias.target_key_id = c.target_key_id
-        alias.last_updated_ms = cmd.now_ms
+        updated = fsm.AliasRecord()  # copy-on-write, as for keys
+        updated.CopyFrom(alias)
+        updated.target_key_id = c.target_key_id
+        updated.last_updated_ms = cmd.now_ms
+        self._aliases[c.alias_name] = updated
         return c.target_key_id
 
     def _delete_alias(self, cmd: fsm.Command) -> str:
@@ -360,7 +391,7 @@ class KeyStore:
 
     def _enable_key_rotation(self, cmd: fsm.Command) -> str:
         c = cmd.enable_key_rotation
-        key = self._checked(c.key_id, "EnableKeyRotation")
+        key = self._for_update(c.key_id, "EnableKeyRotation")
         _require_rotatable(key)
         key.rotation_enabled = True
         key.rotation_period_in_days = c.rotation_period_in_days
@@ -368,7 +399,7 @@ class KeyStore:
         return key.key_id
 
     def _disable_key_rotation(self, cmd: fsm.Command) -> str:
-        key = self._checked(cmd.disable_key_rotation.key_id, "DisableKeyRotation")
+        key = self._for_update(cmd.disable_key_rotation.key_id, "DisableKeyRotation")
         _require_rotatable(key)
         key.rotation_enabled = False
         key.next_rotation_ms = 0
@@ -376,7 +407,7 @@ class KeyStore:
 
     def _rotate_key(self, cmd: fsm.Command) -> str:
         c = cmd.rotate_key
-        key = self._checked(c.key_id, "RotateKeyOnDemand")
+        key = self._for_update(c.key_id, "RotateKeyOnDemand")
         _require_rotatable(key)
         newest = key.materials[-1].version
         if c.version != newest + 1:
@@ -406,7 +437,7 @@ class KeyStore:
 
     def _tag_resource(self, cmd: fsm.Command) -> str:
         c = cmd.tag_resource
-        key = self._checked(c.key_id, "TagResource")
+        key = self._for_update(c.key_id, "TagResource")
         tags = {tag.tag_key: tag.tag_value for tag in key.tags}
         tags.update((tag.tag_key, tag.tag_value) for tag in c.tags)
         if len(tags) > MAX_TAGS_PER_KEY:
@@ -418,14 +449,14 @@ class KeyStore:
 
     def _untag_resource(self, cmd: fsm.Command) -> str:
         c = cmd.untag_resource
-        key = self._checked(c.key_id, "UntagResource")
+        key = self._for_update(c.key_id, "UntagResource")
         removed = set(c.tag_keys)
         _set_tags(key, {t.tag_key: t.tag_value for t in key.tags if t.tag_key not in removed})
         return key.key_id
 
     def _put_key_policy(self, cmd: fsm.Command) -> str:
         c = cmd.put_key_policy
-        key = self._checked(c.key_id, "PutKeyPolicy")
+        key = self._for_update(c.key_id, "PutKeyPolicy")
         if not c.policy:
             raise ValidationError("policy", "is required")
         key.policy = c.policy

@@ -17,6 +17,7 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,12 @@ class StateMachine(Protocol):
         """Serializes the whole state, including the index of the last applied command."""
         ...
 
+    def freeze(self) -> Callable[[], bytes]:
+        """The state as of now, cheaply: a function returning the bytes `snapshot` would
+        return now. Logs call it between applies and run the function on another thread
+        while they go on applying, so a snapshot never stops the event loop for long."""
+        ...
+
     def restore(self, data: bytes) -> None:
         """Replaces the whole state with a snapshot made by `snapshot`."""
         ...
@@ -47,9 +54,9 @@ class SnapshotPolicy:
     """When a log snapshots its state machine: once `every` commands were applied since
     the last snapshot *and* they add up to at least that snapshot's size in bytes.
 
-    A snapshot serializes the whole state on the event loop, so its cost grows with the
-    store; a fixed interval makes the cost per command grow with it too (and the pauses
-    with it). Waiting until the log since the last snapshot is as large as the snapshot
+    A snapshot serializes the whole state (on a thread, but holding the GIL), so its
+    cost grows with the store; a fixed interval makes the cost per command grow with it
+    too. Waiting until the log since the last snapshot is as large as the snapshot
     keeps the snapshot work per byte written constant, and the log to keep in memory
     and replay at start at most about as large as the state."""
 
@@ -66,10 +73,18 @@ class SnapshotPolicy:
     def due(self, commands_since: int) -> bool:
         return commands_since >= self.every and self._bytes_since >= self._last_size
 
+    def started(self) -> None:
+        """A snapshot of everything applied so far is being made."""
+        self._bytes_since = 0
+
+    def finished(self, snapshot_bytes: int) -> None:
+        """The snapshot started last came out this large."""
+        self._last_size = snapshot_bytes
+
     def taken(self, snapshot_bytes: int) -> None:
         """A snapshot of this size now covers everything applied."""
-        self._last_size = snapshot_bytes
-        self._bytes_since = 0
+        self.started()
+        self.finished(snapshot_bytes)
 
 
 @dataclass(frozen=True)

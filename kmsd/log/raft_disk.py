@@ -4,12 +4,15 @@ files, recovered on start into the `MemoryStorage` the Raft core reads.
 Write methods block on fsync. The driver calls them one at a time (on its I/O thread
 while it leads, inline otherwise: never two at once), and mirrors what they made
 durable into the MemoryStorage only afterwards, so the core never sees anything that
-is not on disk.
+is not on disk. The one exception is `write_snapshot`, which the driver's snapshot
+thread runs meanwhile: it touches only the snapshot files, under a lock that
+`persist` takes too when it installs a leader's snapshot.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +92,7 @@ class RaftDisk:
         self._fsync = fsync
         self._wal: Wal | None = None
         self._snaps: SnapshotStore | None = None
+        self._snaps_lock = threading.Lock()
         self.tail_repair: object | None = None
 
     def open(self) -> tuple[MemoryStorage, bool]:
@@ -133,7 +137,8 @@ class RaftDisk:
         assert self._wal is not None and self._snaps is not None
         records: list[wal_pb2.WalRecord] = []
         if snapshot is not None:
-            self._snaps.save(snapshot.meta.index, snapshot.meta.term, snapshot.data)
+            with self._snaps_lock:
+                self._snaps.save(snapshot.meta.index, snapshot.meta.term, snapshot.data)
             marker = wal_pb2.SnapshotMarker(
                 index=snapshot.meta.index, term=snapshot.meta.term, replaces_log=True
             )
@@ -146,10 +151,17 @@ class RaftDisk:
         if sync or snapshot is not None:
             self._wal.sync()
 
-    def save_snapshot(self, index: int, term: int, data: bytes) -> None:
-        """Durably records this node's own snapshot at applied `index`."""
-        assert self._wal is not None and self._snaps is not None
-        self._snaps.save(index, term, data)
+    def write_snapshot(self, index: int, term: int, data: bytes) -> None:
+        """Durably writes the file of this node's own snapshot at applied `index`. Safe
+        while another thread runs `persist`; `mark_snapshot` records it afterwards."""
+        assert self._snaps is not None
+        with self._snaps_lock:
+            self._snaps.save(index, term, data)
+
+    def mark_snapshot(self, index: int, term: int) -> None:
+        """Notes in the WAL that the snapshot file at `index` is durable (compaction up to
+        it may follow)."""
+        assert self._wal is not None
         self._wal.append(
             [wal_pb2.WalRecord(snapshot=wal_pb2.SnapshotMarker(index=index, term=term))]
         )

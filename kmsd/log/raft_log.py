@@ -52,7 +52,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kms.raft.v1 import wal_pb2
@@ -139,6 +139,12 @@ class RaftLog:
         self._rng = rng or random.Random()
         self._disk = RaftDisk(data_dir)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kmsd-raft-{node_id}")
+        # Snapshots are encoded and written here, while the Ready loop goes on.
+        self._snap_io = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"kmsd-raft-{node_id}-snap"
+        )
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_written: _WrittenSnapshot | None = None
         self._storage: MemoryStorage | None = None
         self._raw: RawNode | None = None
         self._members: dict[int, Member] = {}
@@ -231,6 +237,10 @@ class RaftLog:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._snapshot_task is not None:
+            # Its file is complete or not there; unrecorded, it is still found on start.
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+        self._snap_io.shutdown(wait=True)
         await self._transport.stop()
         self._fail_all(UnavailableError("the node is stopping"))
         loop = asyncio.get_running_loop()
@@ -526,6 +536,8 @@ class RaftLog:
                 while raw.has_ready() and not self._stopping:
                     await self._handle_ready(raw.ready())
                     self._take_inputs()
+                if self._snapshot_written is not None and not self._stopping:
+                    await self._record_snapshot()
         except Exception as error:  # a persistence failure or a bug: stop, never ack
             self._fatal(error)
         finally:
@@ -804,37 +816,81 @@ class RaftLog:
         self._apply_waiters = still
 
     async def _maybe_snapshot(self) -> None:
-        if not self._snapshots.due(self._applied - self._snapshot_index):
+        """Records a snapshot written meanwhile, and starts the next one when due.
+
+        A snapshot is frozen here, between applies (so it is exactly the state at the
+        applied index), then encoded and its file written on the snapshot thread while
+        the Ready loop goes on: the loop only pays for freezing, and later for
+        recording the snapshot (a WAL marker and the compaction, on the I/O thread that
+        owns the WAL)."""
+        if self._snapshot_written is not None:
+            await self._record_snapshot()
+        if self._snapshot_task is not None or not self._snapshots.due(
+            self._applied - self._snapshot_index
+        ):
             return
         storage, raw = self._storage, self._raw
         assert storage is not None and raw is not None
         index = self._applied
-        conf = raw.status().conf
-        data = self._cluster_snapshot(conf)
-        self._snapshots.taken(len(data))
-        snapshot = storage.create_snapshot(index, conf, data)
-        await asyncio.get_running_loop().run_in_executor(
-            self._io, self._disk.save_snapshot, index, snapshot.meta.term, data
+        frozen = _WrittenSnapshot(index, storage.term(index), raw.status().conf, b"")
+        members = sorted(self._members.values(), key=lambda m: m.id)
+        encode_state = self._sm.freeze()
+        self._snapshots.started()
+        self._snapshot_task = asyncio.create_task(
+            self._write_snapshot(frozen, members, encode_state),
+            name=f"raft-{self.node_id}-snapshot",
         )
-        self._snapshot_index = index
-        compact_to = index - self.settings.trailing_entries
+
+    async def _write_snapshot(
+        self, frozen: _WrittenSnapshot, members: list[Member], encode_state: Callable[[], bytes]
+    ) -> None:
+        def encode_and_write() -> bytes:
+            data = wal_pb2.ClusterSnapshot(
+                state=encode_state(),
+                conf=conf_to_proto(frozen.conf),
+                members=[
+                    wal_pb2.Member(
+                        id=m.id, peer_address=m.peer_address, client_address=m.client_address
+                    )
+                    for m in members
+                ],
+            ).SerializeToString()
+            self._disk.write_snapshot(frozen.index, frozen.term, data)
+            return data
+
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(self._snap_io, encode_and_write)
+        except Exception as error:  # a snapshot that cannot be written: fail-stop
+            self._fatal(error)
+            return
+        finally:
+            self._snapshot_task = None
+        self._snapshots.finished(len(data))
+        self._snapshot_written = replace(frozen, data=data)
+        self._wake.set()  # record it even if nothing else happens
+
+    async def _record_snapshot(self) -> None:
+        written, self._snapshot_written = self._snapshot_written, None
+        storage = self._storage
+        assert written is not None and storage is not None
+        if written.index <= storage.snapshot().meta.index:
+            log.info(
+                "node %d: own snapshot at %d superseded by the leader's at %d",
+                self.node_id,
+                written.index,
+                storage.snapshot().meta.index,
+            )
+            return
+        snapshot = storage.create_snapshot(written.index, written.conf, written.data)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._io, self._disk.mark_snapshot, written.index, snapshot.meta.term
+        )
+        self._snapshot_index = written.index
+        compact_to = written.index - self.settings.trailing_entries
         if compact_to >= storage.first_index():
             storage.compact(compact_to)
-            await asyncio.get_running_loop().run_in_executor(
-                self._io, self._disk.compact, compact_to
-            )
-
-    def _cluster_snapshot(self, conf: ConfState) -> bytes:
-        return wal_pb2.ClusterSnapshot(
-            state=self._sm.snapshot(),
-            conf=conf_to_proto(conf),
-            members=[
-                wal_pb2.Member(
-                    id=m.id, peer_address=m.peer_address, client_address=m.client_address
-                )
-                for m in sorted(self._members.values(), key=lambda m: m.id)
-            ],
-        ).SerializeToString()
+            await loop.run_in_executor(self._io, self._disk.compact, compact_to)
 
     def _maybe_promote(self, status: Status) -> None:
         assert self._raw is not None and self._storage is not None
@@ -913,9 +969,20 @@ class RaftLog:
         log.critical("node %d: Raft log failed, stopping: %s", self.node_id, error)
         self._failure = error
         self._stopping = True
+        self._wake.set()
         self._fail_all(UnavailableError(f"log failed: {error}"))
         if self._on_fatal is not None:
             self._on_fatal(error)
+
+
+@dataclass(frozen=True)
+class _WrittenSnapshot:
+    """A snapshot of this node's state at applied `index` (`data` empty until encoded)."""
+
+    index: int
+    term: int
+    conf: ConfState
+    data: bytes
 
 
 def _settle(

@@ -6,8 +6,9 @@ the next write, with one fdatasync), then applied in index order on the event lo
 and answered. Every entry has term 1. The state machine is rebuilt on `start` from
 the latest snapshot plus the WAL suffix, and a snapshot is taken when
 `kmsd.log.base.SnapshotPolicy` says (at least `snapshot_every` entries, and as many
-bytes of commands as the last snapshot had; serialized on the loop, written off it),
-after which the WAL segments it covers are deleted.
+bytes of commands as the last snapshot had; frozen on the loop between applies,
+encoded and written on the snapshot thread while commands go on committing), after
+which the WAL segments it covers are deleted.
 
 Files under `data_dir`: `wal/` (kmsd.storage.wal) and `snap/` (kmsd.storage.snapshots).
 
@@ -16,8 +17,8 @@ log for good. Pending and later proposals fail with UnavailableError, `failure`
 holds the cause and `on_fatal` is called once; nothing is retried, because a retried
 fsync can claim success for data the kernel already dropped.
 
-Threads: WAL I/O runs on one dedicated thread, snapshot writes on another; the
-state machine and all bookkeeping stay on the event loop.
+Threads: WAL I/O runs on one dedicated thread, snapshot encoding and writes on
+another; the state machine and all bookkeeping stay on the event loop.
 """
 
 from __future__ import annotations
@@ -371,25 +372,31 @@ class SingleNodeLog:
         if not self._snapshots.due(self._applied_index - self._snapshot_index):
             return
         index = self._applied_index
-        # Serialized here, between applies, so the bytes match exactly `index`.
-        data = self._sm.snapshot()
-        self._snapshots.taken(len(data))
+        # Frozen here, between applies, so the bytes match exactly `index`; encoded and
+        # written on the snapshot thread while commands go on committing.
+        encode = self._sm.freeze()
+        self._snapshots.started()
         self._snapshot_task = asyncio.create_task(
-            self._save_snapshot(index, data), name="kmsd-log-snapshot"
+            self._save_snapshot(index, encode), name="kmsd-log-snapshot"
         )
 
-    async def _save_snapshot(self, index: int, data: bytes) -> None:
+    async def _save_snapshot(self, index: int, encode: Callable[[], bytes]) -> None:
         assert self._store is not None
         store = self._store
+
+        def encode_and_save() -> int:
+            data = encode()
+            store.save(index, TERM, data)
+            return len(data)
+
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._snap_io, store.save, index, TERM, data
-            )
+            size = await asyncio.get_running_loop().run_in_executor(self._snap_io, encode_and_save)
         except Exception as exc:
             self._fail(exc, f"snapshot write failed: {type(exc).__name__}: {exc}")
             return
         finally:
             self._snapshot_task = None
+        self._snapshots.finished(size)
         self._snapshot_index = index
         # The writer compacts between rounds: only it touches the WAL.
         self._compact_to = index

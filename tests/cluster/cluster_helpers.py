@@ -33,6 +33,10 @@ class ListMachine:
     def snapshot(self) -> bytes:
         return b"\x00".join(self.commands)
 
+    def freeze(self) -> Callable[[], bytes]:
+        data = self.snapshot()
+        return lambda: data
+
     def restore(self, data: bytes) -> None:
         self.commands = data.split(b"\x00") if data else []
 
@@ -52,8 +56,10 @@ class Cluster:
         size: int = 3,
         settings: RaftSettings = FAST,
         network: InMemoryNetwork | None = None,
+        machine: Callable[[], ListMachine] = ListMachine,
     ) -> None:
         self.root = root
+        self.new_machine = machine
         self.network = network or InMemoryNetwork()
         self.founders = [Member(i, f"peer-{i}", f"client-{i}") for i in range(1, size + 1)]
         self.settings = settings
@@ -61,7 +67,7 @@ class Cluster:
         self.machines: dict[int, ListMachine] = {}
 
     async def start(self, node_id: int) -> RaftLog:
-        machine = ListMachine()
+        machine = self.new_machine()
         node = RaftLog(
             node_id,
             self.root / f"n{node_id}",
@@ -96,9 +102,10 @@ def run(
     size: int = 3,
     settings: RaftSettings = FAST,
     network: InMemoryNetwork | None = None,
+    machine: Callable[[], ListMachine] = ListMachine,
 ) -> None:
     async def main() -> None:
-        cluster = Cluster(root, size, settings, network)
+        cluster = Cluster(root, size, settings, network, machine)
         try:
             await cluster.start_all()
             await scenario(cluster)

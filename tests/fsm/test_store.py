@@ -126,6 +126,47 @@ def test_same_log_same_state_and_snapshot_round_trip(seed: int) -> None:
     assert restored.applied_index == 200
 
 
+def _every_other_update(key_id: str, now_ms: int) -> list[fsm.Command]:
+    """Updates the random log does not draw, so a frozen image meets every kind."""
+    return [
+        fsm.Command(
+            now_ms=now_ms,
+            update_key_description=fsm.UpdateKeyDescription(key_id=key_id, description="d"),
+        ),
+        fsm.Command(
+            now_ms=now_ms,
+            enable_key_rotation=fsm.EnableKeyRotation(key_id=key_id, rotation_period_in_days=90),
+        ),
+        fsm.Command(now_ms=now_ms, disable_key_rotation=fsm.DisableKeyRotation(key_id=key_id)),
+        fsm.Command(
+            now_ms=now_ms,
+            untag_resource=fsm.UntagResource(key_id=key_id, tag_keys=["k0", "k1", "k2"]),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_frozen_image_is_the_state_when_it_was_frozen(seed: int) -> None:
+    """freeze() lets a snapshot be encoded on another thread while commands go on being
+    applied: every later command, of every kind, must leave the image untouched."""
+    commands = _log(seed, 300)
+    for key_id in KEY_IDS:
+        commands += [c.SerializeToString() for c in _every_other_update(key_id, 1_767_225_600)]
+    store = KeyStore()
+    images: list[tuple[bytes, object]] = []
+    changed = 0
+    for index, command in enumerate(commands, 1):
+        if index % 25 == 1:
+            images.append((store.snapshot(), store.freeze()))
+        before = store.snapshot()
+        store.apply(index, command)
+        changed += store.snapshot() != before
+    assert changed > 100, "the log must really change the state"
+    for expected, encode in images:
+        assert callable(encode)
+        assert encode() == expected
+
+
 def test_request_id_is_idempotent_and_bound_to_its_parameters() -> None:
     store = KeyStore()
     create = fsm.Command(request_id="once", now_ms=1)

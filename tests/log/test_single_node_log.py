@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -41,6 +41,10 @@ class ListMachine:
     def snapshot(self) -> bytes:
         state = {"applied": self._applied, "commands": [c.hex() for c in self.commands]}
         return json.dumps(state).encode()
+
+    def freeze(self) -> Callable[[], bytes]:
+        data = self.snapshot()
+        return lambda: data
 
     def restore(self, data: bytes) -> None:
         state = json.loads(data)
@@ -537,3 +541,45 @@ def test_apply_failure_during_replay_fails_start(tmp_path: Path) -> None:
             await log.propose(b"x")
 
     run(reopen())
+
+
+class GatedEncoding(ListMachine):
+    """A ListMachine whose frozen snapshot waits for `release` before it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def freeze(self) -> Callable[[], bytes]:
+        data = self.snapshot()
+
+        def encode() -> bytes:
+            self.entered.set()
+            assert self.release.wait(WAIT)
+            return data
+
+        return encode
+
+
+def test_snapshot_encoding_runs_off_the_loop_and_is_the_frozen_state(tmp_path: Path) -> None:
+    machine = GatedEncoding()
+
+    async def scenario() -> None:
+        log = SingleNodeLog(tmp_path, machine, snapshot_every=2)
+        await log.start()
+        await log.propose(b"a")
+        await log.propose(b"b")  # freezes the state at index 2
+        assert await asyncio.to_thread(machine.entered.wait, WAIT)
+        # Encoding is held, yet proposals still commit.
+        assert (await log.propose(b"c")).index == 3
+        assert log.snapshot_index == 0
+        machine.release.set()
+        await log.stop()
+        assert log.snapshot_index == 2
+
+    run(scenario())
+    store = SnapshotStore.open(tmp_path / "snap")
+    latest = store.load_latest()
+    assert latest is not None and latest.index == 2
+    assert json.loads(latest.data)["commands"] == [b"a".hex(), b"b".hex()]

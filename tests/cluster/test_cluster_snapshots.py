@@ -1,0 +1,134 @@
+"""A node's own snapshot is encoded and written on a thread while its Raft log goes on:
+writes commit meanwhile, the snapshot is exactly the state it was frozen at, and a
+newer snapshot installed from the leader in the meantime wins over it."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster_helpers import FAST, Cluster, ListMachine, run, until
+
+from kmsd.log.raft_log import RaftLog
+from kmsd.storage.snapshots import SnapshotStore
+
+SNAPSHOTTING = dataclasses.replace(FAST, snapshot_every=8, trailing_entries=2)
+
+
+class GatedMachine(ListMachine):
+    """Freezes like ListMachine; encoding then waits for `gate` (open unless closed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.frozen_at: list[int] = []
+        self.encoding = threading.Event()
+
+    def freeze(self) -> Callable[[], bytes]:
+        self.frozen_at.append(self.applied_index)
+        data = self.snapshot()
+
+        def encode() -> bytes:
+            self.encoding.set()
+            if not self.gate.wait(timeout=30):
+                raise AssertionError("the test never opened the gate")
+            return data
+
+        return encode
+
+
+def gated(cluster: Cluster, node_id: int) -> GatedMachine:
+    machine = cluster.machines[node_id]
+    assert isinstance(machine, GatedMachine)
+    return machine
+
+
+async def wait_encoding(machine: GatedMachine) -> None:
+    await until(machine.encoding.is_set, "the snapshot thread encoding")
+
+
+async def restarted_commands(cluster: Cluster, node_id: int) -> list[bytes]:
+    """Restarts a node from its disk; what its state machine holds once caught up."""
+    await cluster.stop(node_id)
+    node = await cluster.start(node_id)
+    leader = await cluster.leader()
+    await until(lambda: node.applied_index >= leader.applied_index, "the restarted node caught up")
+    return cluster.machines[node_id].commands
+
+
+def test_writes_commit_while_every_node_encodes_its_snapshot(tmp_path: Path) -> None:
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        machines = {i: gated(cluster, i) for i in cluster.nodes}
+        for machine in machines.values():
+            machine.gate.clear()
+        for i in range(SNAPSHOTTING.snapshot_every + 4):
+            await leader.propose(b"a-%d" % i)
+        for machine in machines.values():
+            await wait_encoding(machine)
+        # Every node is stuck encoding a snapshot, and writes still commit everywhere.
+        for i in range(3 * SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"b-%d" % i)
+        last = leader.applied_index
+        await until(
+            lambda: all(n.applied_index == last for n in cluster.nodes.values()), "all applied"
+        )
+        assert all(n.snapshot_index == 0 for n in cluster.nodes.values())
+        for machine in machines.values():
+            machine.gate.set()
+        await until(
+            lambda: all(n.snapshot_index > 0 for n in cluster.nodes.values()), "snapshots recorded"
+        )
+        for i, node in cluster.nodes.items():
+            # The first one, or (with more than snapshot_every writes since) a later one.
+            assert node.snapshot_index in machines[i].frozen_at
+        # The next writes take the next snapshots, as usual.
+        for i in range(3 * SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"c-%d" % i)
+        first = max(m.frozen_at[0] for m in machines.values())
+        await until(
+            lambda: all(n.snapshot_index > first for n in cluster.nodes.values()), "later snapshots"
+        )
+        expected = list(cluster.machines[leader.node_id].commands)
+        follower = next(i for i in cluster.nodes if i != leader.node_id)
+        assert await restarted_commands(cluster, follower) == expected
+
+    run(scenario, tmp_path, settings=SNAPSHOTTING, machine=GatedMachine)
+
+
+def test_a_leader_snapshot_installed_meanwhile_wins_over_the_own_one(tmp_path: Path) -> None:
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        behind = next(i for i in cluster.nodes if i != leader.node_id)
+        follower: RaftLog = cluster.nodes[behind]
+        own = gated(cluster, behind)
+        own.gate.clear()
+        for i in range(SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"a-%d" % i)
+        await wait_encoding(own)
+        frozen = own.frozen_at[0]
+        cluster.network.isolate(behind)
+        for i in range(4 * SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"b-%d" % i)
+        await until(lambda: leader.snapshot_index > frozen + 8, "the leader's newer snapshot")
+        cluster.network.heal()
+        await until(lambda: follower.snapshot_index > frozen, "the leader's snapshot installed")
+        installed = follower.snapshot_index
+        own.gate.set()  # its own, older snapshot now completes: it must change nothing
+        await until(
+            lambda: follower.applied_index >= leader.applied_index, "the follower caught up"
+        )
+        assert follower.snapshot_index >= installed
+        expected = list(cluster.machines[leader.node_id].commands)
+        assert cluster.machines[behind].commands == expected
+        await cluster.stop(behind)  # waits for the snapshot thread
+        latest = SnapshotStore.open(tmp_path / f"n{behind}" / "snap").load_latest()
+        assert latest is not None and latest.index >= installed > frozen
+        node = await cluster.start(behind)
+        await until(lambda: node.applied_index >= leader.applied_index, "the restart caught up")
+        assert cluster.machines[behind].commands == expected
+
+    run(scenario, tmp_path, settings=SNAPSHOTTING, machine=GatedMachine)
