@@ -25,12 +25,14 @@
 without replication (no `[[cluster.members]]`: its single-node log), the same calls:
 the most a kmsd cluster could do if replication cost nothing.
 
-`--echo-ceiling` adds another, interleaved the same way: `bench.cluster_echo`, a bare
+`--echo-ceiling` adds two more, interleaved the same way: `bench.cluster_echo`, a bare
 grpc.aio server in its own process (kmsd's server options) answering CreateKey with a
-fixed empty response and doing nothing else, driven by the same load generator and
-calls: the most any Python gRPC server, hence any kmsd, answers on this machine. Its
-table gives its calls/s, latency and server CPU per call, and each target's ops/s over
-the echo's (etcd/echo, kmsd 3 nodes/echo, and kmsd 1 node/echo with `--single-node`).
+fixed empty response and doing nothing else, and the same on gRPC's threaded server
+(`--threads 4`), driven by the same load generator and calls: what kmsd's server stack,
+and the other Python gRPC server, answer on this machine doing nothing. Its table
+gives their calls/s, latency and server CPU per call, and each target's ops/s over
+the echo's (etcd/echo, kmsd 3 nodes/echo, and kmsd 1 node/echo with `--single-node`)
+and over the threaded echo's.
 
 Calls go to the leader's endpoint by default (`--via leader`, what a leader-aware
 client does; etcd's clients also send to one member); `--via all` spreads the
@@ -86,8 +88,11 @@ __all__ = ["GOAL_FAILOVER_S", "GOAL_RATIO", "main"]
 TARGETS = ("kmsd", "etcd")
 #: With --single-node: one kmsd node on its single-node log (no Raft), the same calls.
 SINGLE = "kmsd-1"
-#: With --echo-ceiling: a grpc.aio server answering CreateKey with no work at all.
+#: With --echo-ceiling: a grpc.aio server answering CreateKey with no work at all,
+#: and the same on gRPC's threaded server (ECHO_THREADS workers).
 ECHO = "echo"
+THREADED_ECHO = "echo-threads"
+ECHO_THREADS = 4
 GOAL_RATIO = 0.5
 GOAL_FAILOVER_S = 2.0
 ETCD_VALUE_BYTES = 256
@@ -225,9 +230,13 @@ class Row:
         """Writes/s of one unreplicated kmsd node over etcd's puts/s (--single-node)."""
         return self.ops_ratio(SINGLE, "etcd")
 
-    def echo_ratios(self) -> dict[str, float]:
-        """Each other target's ops/s over the echo server's calls/s (--echo-ceiling)."""
-        return {target: self.ops_ratio(target, ECHO) for target in self.rounds if target != ECHO}
+    def echo_ratios(self, echo: str = ECHO) -> dict[str, float]:
+        """Each other target's ops/s over an echo server's calls/s (--echo-ceiling)."""
+        return {
+            target: self.ops_ratio(target, echo)
+            for target in self.rounds
+            if target not in (ECHO, THREADED_ECHO)
+        }
 
 
 def _cpu(pids: list[int]) -> float:
@@ -361,13 +370,13 @@ class Settings:
     failover: bool = True
     #: Also measure one unreplicated kmsd node, interleaved with the two clusters.
     single_node: bool = False
-    #: Also measure a grpc.aio server answering CreateKey with no work (interleaved).
+    #: Also measure servers answering CreateKey with no work (grpc.aio and threaded).
     echo_ceiling: bool = False
 
     @property
     def targets(self) -> int:
         """How many targets each round measures."""
-        return len(TARGETS) + self.single_node + self.echo_ceiling
+        return len(TARGETS) + self.single_node + 2 * self.echo_ceiling
 
 
 class Profiler:
@@ -420,7 +429,7 @@ async def run_throughput(
     """Interleaved rounds at each concurrency; returns a Row per concurrency.
 
     `ceilings` are more targets answering the same CreateKey calls on all their
-    endpoints (SINGLE, ECHO), measured after the two clusters in each round.
+    endpoints (SINGLE, ECHO, THREADED_ECHO), measured after the two clusters in each round.
     """
     leader = kmsd.leader()
     etcd_leader = etcd.leader_endpoint(time.monotonic() + 30)
@@ -570,6 +579,21 @@ def format_echo_table(rows: list[Row]) -> str:
     ]
     if rows and SINGLE in rows[0].rounds:
         columns.append(("kmsd 1 node / echo", _ops_ratio(SINGLE, ECHO)))
+    return _ceiling_table(rows, columns)
+
+
+def format_threaded_echo_table(rows: list[Row]) -> str:
+    """The same against the echo on gRPC's threaded server."""
+    columns = [
+        ("threaded echo calls/s", _ops(THREADED_ECHO)),
+        ("threaded echo p50 / p99 ms", _latency(THREADED_ECHO)),
+        ("server CPU µs/call threaded echo", _cpu_per_call(THREADED_ECHO)),
+        ("threaded / aio echo", _ops_ratio(THREADED_ECHO, ECHO)),
+        ("ratio etcd/threaded echo", _ops_ratio("etcd", THREADED_ECHO)),
+        ("kmsd 3 nodes / threaded echo", _ops_ratio("kmsd", THREADED_ECHO)),
+    ]
+    if rows and SINGLE in rows[0].rounds:
+        columns.append(("kmsd 1 node / threaded echo", _ops_ratio(SINGLE, THREADED_ECHO)))
     return _ceiling_table(rows, columns)
 
 
@@ -1054,6 +1078,11 @@ def _report_json(
                 **({"single_ratio": row.single_ratio()} if SINGLE in row.rounds else {}),
                 # Each other target's median ops/s over the echo server's.
                 **({"echo_ratios": row.echo_ratios()} if ECHO in row.rounds else {}),
+                **(
+                    {"threaded_echo_ratios": row.echo_ratios(THREADED_ECHO)}
+                    if THREADED_ECHO in row.rounds
+                    else {}
+                ),
             }
             for row in rows
         ],
@@ -1106,6 +1135,9 @@ def main(argv: list[str] | None = None) -> int:
                 ).start()
             if settings.echo_ceiling:
                 ceilings[ECHO] = EchoServer(tmp / "echo", children).start()
+                ceilings[THREADED_ECHO] = EchoServer(
+                    tmp / "echo-threads", children, ECHO_THREADS
+                ).start()
             progress(
                 f"kmsd {kmsd.endpoints} (pids {kmsd.pids}); etcd {etcd.endpoints}"
                 f" (pids {etcd.pids})"
@@ -1198,10 +1230,17 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "a grpc.aio server answering CreateKey with a fixed empty response and no"
                 " work (bench.cluster_echo, kmsd's server options), interleaved with the"
-                " others: the most any Python gRPC server, hence any kmsd, answers here"
+                " others: the ceiling kmsd's server stack puts on kmsd here"
             )
             print()
             print(format_echo_table(rows))
+            print()
+            print(
+                f"the same on gRPC's threaded server ({ECHO_THREADS} worker threads),"
+                " interleaved too: the other Python gRPC server"
+            )
+            print()
+            print(format_threaded_echo_table(rows))
         errors = sum(row.errors for row in rows)
     if trials:
         print()

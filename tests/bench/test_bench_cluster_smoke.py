@@ -57,22 +57,27 @@ def test_quick_run_prints_a_ratio_per_concurrency_and_the_failover_line(tmp_path
     assert "failed client calls: writes" in failover[0], out
     assert "| kmsd 1 node writes/s |" in out, out  # --single-node: the unreplicated ceiling
     assert "| echo calls/s |" in out and "| kmsd 1 node / echo |" in out, out  # --echo-ceiling
+    assert "| threaded echo calls/s |" in out, out
     report = json.loads(json_path.read_text())
     assert [r["concurrency"] for r in report["throughput"]] == list(CONCURRENCY)
     for row in report["throughput"]:
-        for target in ("kmsd", "etcd", "kmsd-1", "echo"):
+        for target in ("kmsd", "etcd", "kmsd-1", "echo", "echo-threads"):
             assert row["median"][target]["ops_per_s"] > 0
         assert row["single_ratio"] > 0
         assert set(row["echo_ratios"]) == {"kmsd", "etcd", "kmsd-1"}
         assert all(ratio > 0 for ratio in row["echo_ratios"].values())
+        assert set(row["threaded_echo_ratios"]) == {"kmsd", "etcd", "kmsd-1"}
     assert len(report["failover"]) == 1
     assert not list(tmp_path.glob("kmsd-bench-cluster-*")), "the data directory was not removed"
 
 
 @pytest.mark.e2e
-def test_echo_server_answers_create_key_with_an_empty_response_and_nothing_else() -> None:
+@pytest.mark.parametrize("server", [[], ["--threads", "2"]], ids=["aio", "threaded"])
+def test_echo_server_answers_create_key_with_an_empty_response_and_nothing_else(
+    server: list[str],
+) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "bench.cluster_echo", "--port", "0"],
+        [sys.executable, "-m", "bench.cluster_echo", "--port", "0", *server],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
