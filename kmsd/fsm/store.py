@@ -60,11 +60,11 @@ _KEYS_TAG = _varint(fsm.Snapshot.KEYS_FIELD_NUMBER << 3 | 2)
 _DEDUPE_TAG = _varint(fsm.Snapshot.DEDUPE_FIELD_NUMBER << 3 | 2)
 
 
-def _append_repeated(parts: list[bytes], tag: bytes, records: Iterable[Message]) -> None:
-    """Appends the wire encoding of a repeated message field holding `records`."""
+def _encode_repeated(tag: bytes, records: Iterable[Message]) -> Iterator[bytes]:
+    """The wire encoding of a repeated message field holding `records`, one chunk each."""
     for record in records:
         body = record.SerializeToString(deterministic=True)
-        parts += (tag, _varint(len(body)), body)
+        yield tag + _varint(len(body)) + body
 
 
 class KeyStore:
@@ -159,17 +159,17 @@ class KeyStore:
 
     def snapshot(self) -> bytes:
         """The state as a serialized `kms.fsm.v1.Snapshot` (equal stores, equal bytes)."""
-        return self.freeze()()
+        return b"".join(self.freeze())
 
-    def freeze(self) -> Callable[[], bytes]:
-        """The state as of now, as a function returning what `snapshot` returns now.
+    def freeze(self) -> Iterator[bytes]:
+        """The state as of now: what `snapshot` returns now, as chunks made lazily.
 
-        Taking it costs a list of references per table; the function does the
-        encoding, safe on any thread while `apply` goes on (records are replaced,
-        never changed, so the image cannot move). The two big tables (keys, request
-        ids) are encoded record by record and joined onto the rest: a valid encoding
-        of the same message (fields may come in any order on the wire) built in half
-        the time, because building one Snapshot message first copies every record.
+        Taking it costs a list of references per table; iterating does the encoding,
+        safe on any thread while `apply` goes on (records are replaced, never
+        changed, so the image cannot move), one chunk per key or request id. The two
+        big tables are encoded record by record after the rest: a valid encoding of
+        the same message (fields may come in any order on the wire) built in half the
+        time, because building one Snapshot message first copies every record.
         """
         applied_index, last_now_ms = self._applied_index, self._last_now_ms
         aliases = [self._aliases[name] for name in sorted(self._aliases)]
@@ -177,19 +177,17 @@ class KeyStore:
         keys = list(self._keys.values())
         dedupe = list(self._dedupe.values())
 
-        def encode() -> bytes:
-            rest = fsm.Snapshot(
+        def encode() -> Iterator[bytes]:
+            yield fsm.Snapshot(
                 applied_index=applied_index,
                 aliases=aliases,
                 last_now_ms=last_now_ms,
                 grants=grants,
             ).SerializeToString(deterministic=True)
-            parts = [rest]
-            _append_repeated(parts, _KEYS_TAG, keys)
-            _append_repeated(parts, _DEDUPE_TAG, dedupe)
-            return b"".join(parts)
+            yield from _encode_repeated(_KEYS_TAG, keys)
+            yield from _encode_repeated(_DEDUPE_TAG, dedupe)
 
-        return encode
+        return encode()
 
     def restore(self, data: bytes) -> None:
         snap = fsm.Snapshot()

@@ -49,8 +49,9 @@ import logging
 import os
 import random
 import struct
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,7 +59,7 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import UnavailableError, ValidationError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, join_politely
 from kmsd.log.raft_disk import Member, RaftDisk, founding_log
 from kmsd.raft import (
     ConfChange,
@@ -834,19 +835,26 @@ class RaftLog:
         index = self._applied
         frozen = _WrittenSnapshot(index, storage.term(index), raw.status().conf, b"")
         members = sorted(self._members.values(), key=lambda m: m.id)
-        encode_state = self._sm.freeze()
+        started = time.monotonic()
+        state = self._sm.freeze()
+        frozen_in = time.monotonic() - started
         self._snapshots.started()
         self._snapshot_task = asyncio.create_task(
-            self._write_snapshot(frozen, members, encode_state),
+            self._write_snapshot(frozen, members, state, started, frozen_in),
             name=f"raft-{self.node_id}-snapshot",
         )
 
     async def _write_snapshot(
-        self, frozen: _WrittenSnapshot, members: list[Member], encode_state: Callable[[], bytes]
+        self,
+        frozen: _WrittenSnapshot,
+        members: list[Member],
+        state: Iterator[bytes],
+        started: float,
+        frozen_in: float,
     ) -> None:
         def encode_and_write() -> bytes:
             data = wal_pb2.ClusterSnapshot(
-                state=encode_state(),
+                state=join_politely(state),
                 conf=conf_to_proto(frozen.conf),
                 members=[
                     wal_pb2.Member(
@@ -866,6 +874,15 @@ class RaftLog:
         finally:
             self._snapshot_task = None
         self._snapshots.finished(len(data))
+        log.info(
+            "node %d: snapshot at index %d: %.1f MB, frozen in %.1f ms, encoded and written"
+            " in %.0f ms",
+            self.node_id,
+            frozen.index,
+            len(data) / 1e6,
+            frozen_in * 1e3,
+            (time.monotonic() - started - frozen_in) * 1e3,
+        )
         self._snapshot_written = replace(frozen, data=data)
         self._wake.set()  # record it even if nothing else happens
 

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
@@ -36,7 +36,7 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError, UnavailableError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, join_politely
 from kmsd.storage._fsutil import Syncer
 from kmsd.storage.snapshots import Snapshot, SnapshotStore
 from kmsd.storage.wal import DEFAULT_SEGMENT_BYTES, RecoveredState, TailRepair, Wal
@@ -374,18 +374,18 @@ class SingleNodeLog:
         index = self._applied_index
         # Frozen here, between applies, so the bytes match exactly `index`; encoded and
         # written on the snapshot thread while commands go on committing.
-        encode = self._sm.freeze()
+        frozen = self._sm.freeze()
         self._snapshots.started()
         self._snapshot_task = asyncio.create_task(
-            self._save_snapshot(index, encode), name="kmsd-log-snapshot"
+            self._save_snapshot(index, frozen), name="kmsd-log-snapshot"
         )
 
-    async def _save_snapshot(self, index: int, encode: Callable[[], bytes]) -> None:
+    async def _save_snapshot(self, index: int, frozen: Iterator[bytes]) -> None:
         assert self._store is not None
         store = self._store
 
         def encode_and_save() -> int:
-            data = encode()
+            data = join_politely(frozen)
             store.save(index, TERM, data)
             return len(data)
 

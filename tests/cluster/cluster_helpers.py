@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from kmsd.log.raft_disk import Member
@@ -33,9 +33,8 @@ class ListMachine:
     def snapshot(self) -> bytes:
         return b"\x00".join(self.commands)
 
-    def freeze(self) -> Callable[[], bytes]:
-        data = self.snapshot()
-        return lambda: data
+    def freeze(self) -> Iterator[bytes]:
+        return iter([self.snapshot()])
 
     def restore(self, data: bytes) -> None:
         self.commands = data.split(b"\x00") if data else []

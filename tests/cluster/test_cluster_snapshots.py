@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster_helpers import FAST, Cluster, ListMachine, run, until
@@ -27,17 +27,17 @@ class GatedMachine(ListMachine):
         self.frozen_at: list[int] = []
         self.encoding = threading.Event()
 
-    def freeze(self) -> Callable[[], bytes]:
+    def freeze(self) -> Iterator[bytes]:
         self.frozen_at.append(self.applied_index)
         data = self.snapshot()
 
-        def encode() -> bytes:
+        def encode() -> Iterator[bytes]:
             self.encoding.set()
             if not self.gate.wait(timeout=30):
                 raise AssertionError("the test never opened the gate")
-            return data
+            yield data
 
-        return encode
+        return encode()
 
 
 def gated(cluster: Cluster, node_id: int) -> GatedMachine:

@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,9 +42,8 @@ class ListMachine:
         state = {"applied": self._applied, "commands": [c.hex() for c in self.commands]}
         return json.dumps(state).encode()
 
-    def freeze(self) -> Callable[[], bytes]:
-        data = self.snapshot()
-        return lambda: data
+    def freeze(self) -> Iterator[bytes]:
+        return iter([self.snapshot()])
 
     def restore(self, data: bytes) -> None:
         state = json.loads(data)
@@ -551,15 +550,15 @@ class GatedEncoding(ListMachine):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def freeze(self) -> Callable[[], bytes]:
+    def freeze(self) -> Iterator[bytes]:
         data = self.snapshot()
 
-        def encode() -> bytes:
+        def encode() -> Iterator[bytes]:
             self.entered.set()
             assert self.release.wait(WAIT)
-            return data
+            yield data
 
-        return encode
+        return encode()
 
 
 def test_snapshot_encoding_runs_off_the_loop_and_is_the_frozen_state(tmp_path: Path) -> None:
