@@ -1,10 +1,11 @@
-"""SnapshotPolicy: at least `every` commands, and as many bytes as the last snapshot."""
+"""SnapshotPolicy (at least `every` commands, and as many bytes as the last snapshot) and
+join_politely."""
 
 from __future__ import annotations
 
 import pytest
 
-from kmsd.log.base import SnapshotPolicy
+from kmsd.log.base import SnapshotPolicy, join_politely
 
 
 def test_the_first_snapshot_comes_after_every_commands() -> None:
@@ -34,3 +35,10 @@ def test_a_large_state_puts_the_next_snapshot_off_until_as_many_bytes_were_logge
 def test_every_must_be_positive() -> None:
     with pytest.raises(ValueError, match="snapshot_every"):
         SnapshotPolicy(every=0)
+
+
+def test_join_politely_joins_every_chunk_in_order_across_its_pauses() -> None:
+    chunks = [bytes([i % 251]) * (i % 7) for i in range(1000)]
+    for every in (1, 3, 32, 2000):
+        assert join_politely(iter(chunks), every) == b"".join(chunks)
+    assert join_politely(iter([])) == b""
