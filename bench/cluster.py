@@ -1009,8 +1009,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument(
         "--echo-ceiling",
         action="store_true",
-        help="also measure a grpc.aio server answering CreateKey with no work at all"
-        " (bench.cluster_echo, interleaved): the Python gRPC stack's own ceiling",
+        help="also measure servers answering CreateKey with no work at all, on grpc.aio"
+        " and on gRPC's threaded server (bench.cluster_echo, interleaved): what the"
+        " Python gRPC stacks answer by themselves",
     )
     parser.add_argument("--fsync-seconds", type=float, help="disk-floor sampling time (2)")
     parser.add_argument(
