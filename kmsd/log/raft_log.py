@@ -145,7 +145,7 @@ class RaftLog:
             max_workers=1, thread_name_prefix=f"kmsd-raft-{node_id}-snap"
         )
         self._snapshot_task: asyncio.Task[None] | None = None
-        self._snapshot_written: _WrittenSnapshot | None = None
+        self._snapshot_written: _OwnSnapshot | None = None
         self._storage: MemoryStorage | None = None
         self._raw: RawNode | None = None
         self._members: dict[int, Member] = {}
@@ -833,7 +833,7 @@ class RaftLog:
         storage, raw = self._storage, self._raw
         assert storage is not None and raw is not None
         index = self._applied
-        frozen = _WrittenSnapshot(index, storage.term(index), raw.status().conf, b"")
+        frozen = _OwnSnapshot(index, storage.term(index), raw.status().conf, b"")
         members = sorted(self._members.values(), key=lambda m: m.id)
         started = time.monotonic()
         state = self._sm.freeze()
@@ -846,7 +846,7 @@ class RaftLog:
 
     async def _write_snapshot(
         self,
-        frozen: _WrittenSnapshot,
+        frozen: _OwnSnapshot,
         members: list[Member],
         state: Iterator[bytes],
         started: float,
@@ -993,7 +993,7 @@ class RaftLog:
 
 
 @dataclass(frozen=True)
-class _WrittenSnapshot:
+class _OwnSnapshot:
     """A snapshot of this node's state at applied `index` (`data` empty until encoded)."""
 
     index: int
