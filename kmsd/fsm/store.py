@@ -11,7 +11,9 @@ Key material is held only as the seal-wrapped bytes the command carried.
 Records are copy-on-write: a command that changes a key or an alias stores a changed
 copy and never touches the record it replaced. That is what makes `freeze` cheap: a
 snapshot image is a list of the current records, encoded later on another thread
-while commands go on being applied.
+while commands go on being applied. It also lets a snapshot reuse the previous one's
+encoding of every key and request id that is still the same object, so it encodes
+only what changed since (the rest is joined as bytes).
 """
 
 from __future__ import annotations
@@ -60,11 +62,27 @@ _KEYS_TAG = _varint(fsm.Snapshot.KEYS_FIELD_NUMBER << 3 | 2)
 _DEDUPE_TAG = _varint(fsm.Snapshot.DEDUPE_FIELD_NUMBER << 3 | 2)
 
 
-def _encode_repeated(tag: bytes, records: Iterable[Message]) -> Iterator[bytes]:
-    """The wire encoding of a repeated message field holding `records`, one chunk each."""
+# A record's encoding as an element of a repeated field, by id(record); the record is
+# kept with it, so the id cannot be reused while the entry exists and a hit is checked
+# by identity.
+_Encodings = dict[int, tuple[Message, bytes]]
+
+
+def _encode_repeated(
+    tag: bytes, records: Iterable[Message], known: _Encodings, made: _Encodings
+) -> Iterator[bytes]:
+    """The wire encoding of a repeated message field holding `records`, one chunk each,
+    taken from `known` for records it has (records are never changed in place) and
+    noted in `made` for the next time."""
     for record in records:
-        body = record.SerializeToString(deterministic=True)
-        yield tag + _varint(len(body)) + body
+        hit = known.get(id(record))
+        if hit is not None and hit[0] is record:
+            chunk = hit[1]
+        else:
+            body = record.SerializeToString(deterministic=True)
+            chunk = tag + _varint(len(body)) + body
+        made[id(record)] = (record, chunk)
+        yield chunk
 
 
 class KeyStore:
@@ -81,6 +99,9 @@ class KeyStore:
         self._dedupe: OrderedDict[str, fsm.DedupeEntry] = OrderedDict()
         self._applied_index = 0
         self._last_now_ms = 0
+        # The encodings of the last snapshot made in full; replaced, never changed, so
+        # a snapshot encoding on another thread may read it while a newer one is made.
+        self._encodings: _Encodings = {}
         self._handlers: dict[str, Callable[[fsm.Command], str]] = {
             "create_key": self._create_key,
             "update_key_description": self._update_key_description,
@@ -176,6 +197,7 @@ class KeyStore:
         grants = list(self._grants.values())
         keys = list(self._keys.values())
         dedupe = list(self._dedupe.values())
+        known = self._encodings
 
         def encode() -> Iterator[bytes]:
             yield fsm.Snapshot(
@@ -184,14 +206,19 @@ class KeyStore:
                 last_now_ms=last_now_ms,
                 grants=grants,
             ).SerializeToString(deterministic=True)
-            yield from _encode_repeated(_KEYS_TAG, keys)
-            yield from _encode_repeated(_DEDUPE_TAG, dedupe)
+            made: _Encodings = {}
+            yield from _encode_repeated(_KEYS_TAG, keys, known, made)
+            yield from _encode_repeated(_DEDUPE_TAG, dedupe, known, made)
+            # Only a complete pass is kept; the records it holds stay alive until the
+            # next one replaces it (at most the records changed in between).
+            self._encodings = made
 
         return encode()
 
     def restore(self, data: bytes) -> None:
         snap = fsm.Snapshot()
         snap.ParseFromString(data)
+        self._encodings = {}
         self._keys = {key.key_id: key for key in snap.keys}
         self._aliases = {alias.alias_name: alias for alias in snap.aliases}
         self._dedupe = OrderedDict((entry.request_id, entry) for entry in snap.dedupe)

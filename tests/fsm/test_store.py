@@ -167,6 +167,30 @@ def test_a_frozen_image_is_the_state_when_it_was_frozen(seed: int) -> None:
         assert b"".join(frozen) == expected
 
 
+def _cold_snapshot(store: KeyStore) -> bytes:
+    """A snapshot encoding every record anew (no earlier encodings to reuse)."""
+    store._encodings = {}
+    return store.snapshot()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_snapshot_reusing_earlier_encodings_equals_one_made_cold(seed: int) -> None:
+    """Snapshots reuse the previous one's encoding of records that are the same
+    objects; a record replaced since (every kind of update) must be encoded anew."""
+    commands = _log(seed, 300)
+    for key_id in KEY_IDS:
+        commands += [c.SerializeToString() for c in _every_other_update(key_id, 1_767_225_600)]
+    warm, cold = KeyStore(), KeyStore()
+    for index, command in enumerate(commands, 1):
+        warm.apply(index, command)
+        cold.apply(index, command)
+        if index % 3 == 0:
+            warm.snapshot()
+        if index % 7 == 0:
+            assert warm.snapshot() == _cold_snapshot(cold)
+    assert warm.snapshot() == _cold_snapshot(cold)
+
+
 def test_request_id_is_idempotent_and_bound_to_its_parameters() -> None:
     store = KeyStore()
     create = fsm.Command(request_id="once", now_ms=1)
