@@ -37,6 +37,7 @@ from kmsd.errors import (
     ValidationError,
 )
 from kmsd.fsm.key_states import check_key_state
+from kmsd.protowire import bytes_field_tag, varint
 
 DAY_MS = 86_400_000
 # How long a request_id is remembered, by log time (AWS-style retry windows are minutes).
@@ -48,18 +49,8 @@ MAX_GRANTS_PER_KEY = 50_000
 DEFAULT_ROTATION_PERIOD_DAYS = 365
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-# Wire tags (field number << 3 | length-delimited) of Snapshot.keys and .dedupe.
-_KEYS_TAG = _varint(fsm.Snapshot.KEYS_FIELD_NUMBER << 3 | 2)
-_DEDUPE_TAG = _varint(fsm.Snapshot.DEDUPE_FIELD_NUMBER << 3 | 2)
+_KEYS_TAG = bytes_field_tag(fsm.Snapshot.KEYS_FIELD_NUMBER)
+_DEDUPE_TAG = bytes_field_tag(fsm.Snapshot.DEDUPE_FIELD_NUMBER)
 
 
 # A record's encoding as an element of a repeated field, by id(record); the record is
@@ -80,7 +71,7 @@ def _encode_repeated(
             chunk = hit[1]
         else:
             body = record.SerializeToString(deterministic=True)
-            chunk = tag + _varint(len(body)) + body
+            chunk = tag + varint(len(body)) + body
         made[id(record)] = (record, chunk)
         yield chunk
 

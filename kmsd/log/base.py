@@ -38,7 +38,7 @@ class StateMachine(Protocol):
     def freeze(self) -> Iterator[bytes]:
         """The state as of now, cheaply: the bytes `snapshot` would return now, as chunks
         made lazily. Logs call it between applies and consume it on another thread (see
-        `join_politely`) while they go on applying, so a snapshot never stops the event
+        `collect_politely`) while they go on applying, so a snapshot never stops the event
         loop for long."""
         ...
 
@@ -52,9 +52,9 @@ class StateMachine(Protocol):
         ...
 
 
-def join_politely(chunks: Iterable[bytes], slice_s: float = 0.0001) -> bytes:
-    """Joins `chunks` on a worker thread, giving the GIL away after every `slice_s` of
-    work.
+def collect_politely(chunks: Iterable[bytes], slice_s: float = 0.0001) -> list[bytes]:
+    """Collects `chunks` on a worker thread, giving the GIL away after every `slice_s`
+    of work.
 
     A thread that computes holds the GIL for the whole switch interval (5 ms) each time
     it gets it, and the event loop, which lets go of it at every system call, has to
@@ -71,7 +71,7 @@ def join_politely(chunks: Iterable[bytes], slice_s: float = 0.0001) -> bytes:
         if clock() >= due:
             time.sleep(0)  # releases the GIL; a waiting thread takes it
             due = clock() + slice_s
-    return b"".join(parts)
+    return parts
 
 
 class SnapshotPolicy:

@@ -20,9 +20,11 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError
+from kmsd.protowire import bytes_field_head
 from kmsd.raft import (
     ConfChange,
     ConfChangeType,
+    ConfState,
     Entry,
     EntryType,
     HardState,
@@ -34,6 +36,7 @@ from kmsd.storage.snapshots import SnapshotStore
 from kmsd.storage.wal import Wal
 from kmsd.transport.codec import (
     conf_from_proto,
+    conf_to_proto,
     entry_from_proto,
     entry_to_proto,
     hard_state_from_proto,
@@ -63,6 +66,25 @@ class Member:
     @classmethod
     def decode(cls, data: bytes) -> Member:
         return cls.from_proto(wal_pb2.Member.FromString(data))
+
+
+CLUSTER_STATE_FIELD = wal_pb2.ClusterSnapshot.STATE_FIELD_NUMBER
+
+
+def cluster_snapshot(state: Sequence[bytes], conf: ConfState, members: Sequence[Member]) -> bytes:
+    """A serialized `ClusterSnapshot` of the state machine's snapshot, given as chunks, at
+    `conf` with `members` (sorted by id): the protobuf library's bytes, joined once
+    (state is field 1, so it comes first)."""
+    length = sum(map(len, state))
+    head = [bytes_field_head(CLUSTER_STATE_FIELD, length)] if length else []
+    rest = wal_pb2.ClusterSnapshot(
+        conf=conf_to_proto(conf),
+        members=[
+            wal_pb2.Member(id=m.id, peer_address=m.peer_address, client_address=m.client_address)
+            for m in sorted(members, key=lambda m: m.id)
+        ],
+    ).SerializeToString()
+    return b"".join([*head, *state, rest])
 
 
 def founding_log(founders: Sequence[Member]) -> tuple[list[Entry], HardState]:

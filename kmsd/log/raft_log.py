@@ -59,8 +59,8 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import UnavailableError, ValidationError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, join_politely
-from kmsd.log.raft_disk import Member, RaftDisk, founding_log
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, collect_politely
+from kmsd.log.raft_disk import Member, RaftDisk, cluster_snapshot, founding_log
 from kmsd.raft import (
     ConfChange,
     ConfChangeType,
@@ -79,7 +79,6 @@ from kmsd.raft import (
     Status,
 )
 from kmsd.transport.base import LeaderUnreachable, Overloaded, Transport
-from kmsd.transport.codec import conf_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -853,16 +852,7 @@ class RaftLog:
         frozen_in: float,
     ) -> None:
         def encode_and_write() -> bytes:
-            data = wal_pb2.ClusterSnapshot(
-                state=join_politely(state),
-                conf=conf_to_proto(frozen.conf),
-                members=[
-                    wal_pb2.Member(
-                        id=m.id, peer_address=m.peer_address, client_address=m.client_address
-                    )
-                    for m in members
-                ],
-            ).SerializeToString()
+            data = cluster_snapshot(collect_politely(state), frozen.conf, members)
             self._disk.write_snapshot(frozen.index, frozen.term, data)
             return data
 

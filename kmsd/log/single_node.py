@@ -36,7 +36,7 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError, UnavailableError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, join_politely
+from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, collect_politely
 from kmsd.storage._fsutil import Syncer
 from kmsd.storage.snapshots import Snapshot, SnapshotStore
 from kmsd.storage.wal import DEFAULT_SEGMENT_BYTES, RecoveredState, TailRepair, Wal
@@ -385,7 +385,7 @@ class SingleNodeLog:
         store = self._store
 
         def encode_and_save() -> int:
-            data = join_politely(frozen)
+            data = b"".join(collect_politely(frozen))
             store.save(index, TERM, data)
             return len(data)
 

@@ -7,7 +7,7 @@ so that both stores get them right the same way.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Syncer = Callable[[int], None]
@@ -39,11 +39,13 @@ def make_dir(directory: Path) -> None:
     fsync_dir(directory.parent)
 
 
-def write_durable_file(path: Path, data: bytes, syncer: Syncer) -> None:
-    """Creates `path` with `data` and syncs it; the caller fsyncs the directory."""
+def write_durable_file(path: Path, data: bytes | Sequence[bytes], syncer: Syncer) -> None:
+    """Creates `path` with `data` (or its parts, one after the other) and syncs it; the
+    caller fsyncs the directory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        write_all(fd, data)
+        for part in [data] if isinstance(data, bytes) else data:
+            write_all(fd, part)
         syncer(fd)
     finally:
         os.close(fd)

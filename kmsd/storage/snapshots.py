@@ -22,10 +22,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 from google.protobuf.message import DecodeError
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError
+from kmsd.protowire import bytes_field_head
 from kmsd.storage._framing import crc32c
 from kmsd.storage._fsutil import Syncer, fsync_dir, make_dir, write_durable_file
 
@@ -60,10 +62,16 @@ def _corrupted(path: Path, why: str) -> StorageCorruptedError:
     )
 
 
-def encode_snapshot(index: int, term: int, data: bytes) -> bytes:
-    """The complete contents of a snapshot file."""
-    body = wal_pb2.SnapshotFile(index=index, term=term, data=data).SerializeToString()
-    return _HEADER.pack(MAGIC, len(body), crc32c(body)) + body
+def encode_snapshot(index: int, term: int, data: bytes) -> list[bytes]:
+    """The complete contents of a snapshot file, in parts that refer to `data` rather
+    than copy it (a snapshot may be tens of MB): header, then the body, a
+    `SnapshotFile` written field by field (`data` is its last field)."""
+    head = wal_pb2.SnapshotFile(index=index, term=term).SerializeToString()
+    if data:
+        head += bytes_field_head(wal_pb2.SnapshotFile.DATA_FIELD_NUMBER, len(data))
+    checksum = google_crc32c.extend(google_crc32c.value(head), data)
+    header = _HEADER.pack(MAGIC, len(head) + len(data), checksum)
+    return [header, head, data] if data else [header, head]
 
 
 def decode_snapshot(path: Path, raw: bytes) -> Snapshot:

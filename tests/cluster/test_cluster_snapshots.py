@@ -1,6 +1,7 @@
 """A node's own snapshot is encoded and written on a thread while its Raft log goes on:
-writes commit meanwhile, the snapshot is exactly the state it was frozen at, and a
-newer snapshot installed from the leader in the meantime wins over it."""
+writes commit meanwhile, the snapshot is exactly the state it was frozen at, a newer
+snapshot installed from the leader in the meantime wins over it, and its bytes are
+what protobuf would write."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cluster_helpers import FAST, Cluster, ListMachine, run, until
+from kms.raft.v1 import wal_pb2
 
+from kmsd.log.raft_disk import Member, cluster_snapshot
 from kmsd.log.raft_log import RaftLog
+from kmsd.raft import ConfState
 from kmsd.storage.snapshots import SnapshotStore
+from kmsd.transport.codec import conf_to_proto
 
 SNAPSHOTTING = dataclasses.replace(FAST, snapshot_every=8, trailing_entries=2)
 
@@ -132,3 +138,20 @@ def test_a_leader_snapshot_installed_meanwhile_wins_over_the_own_one(tmp_path: P
         assert cluster.machines[behind].commands == expected
 
     run(scenario, tmp_path, settings=SNAPSHOTTING, machine=GatedMachine)
+
+
+@pytest.mark.parametrize("state", [[], [b""], [b"a"], [b"x" * 100, b"", b"y" * 300]])
+def test_a_cluster_snapshot_joined_from_chunks_is_what_protobuf_would_write(
+    state: list[bytes],
+) -> None:
+    conf = ConfState(frozenset({1, 2, 3}), frozenset({4}), frozenset({7}))
+    members = [Member(2, "p2", "c2"), Member(1, "p1", "c1")]
+    expected = wal_pb2.ClusterSnapshot(
+        state=b"".join(state),
+        conf=conf_to_proto(conf),
+        members=[
+            wal_pb2.Member(id=m.id, peer_address=m.peer_address, client_address=m.client_address)
+            for m in sorted(members, key=lambda m: m.id)
+        ],
+    ).SerializeToString()
+    assert cluster_snapshot(state, conf, members) == expected

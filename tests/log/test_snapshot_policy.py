@@ -1,11 +1,11 @@
 """SnapshotPolicy (at least `every` commands, and as many bytes as the last snapshot) and
-join_politely."""
+collect_politely."""
 
 from __future__ import annotations
 
 import pytest
 
-from kmsd.log.base import SnapshotPolicy, join_politely
+from kmsd.log.base import SnapshotPolicy, collect_politely
 
 
 def test_the_first_snapshot_comes_after_every_commands() -> None:
@@ -37,8 +37,8 @@ def test_every_must_be_positive() -> None:
         SnapshotPolicy(every=0)
 
 
-def test_join_politely_joins_every_chunk_in_order_across_its_pauses() -> None:
+def test_collect_politely_keeps_every_chunk_in_order_across_its_pauses() -> None:
     chunks = [bytes([i % 251]) * (i % 7) for i in range(1000)]
     for slice_s in (0.0, 0.0005, 10.0):
-        assert join_politely(iter(chunks), slice_s) == b"".join(chunks)
-    assert join_politely(iter([])) == b""
+        assert collect_politely(iter(chunks), slice_s) == chunks
+    assert collect_politely(iter([])) == []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError
+from kmsd.storage._framing import crc32c
 from kmsd.storage.snapshots import MAGIC, Snapshot, SnapshotStore, snapshot_name
 
 
@@ -95,3 +98,15 @@ def test_fsync_failure_propagates_and_leaves_no_snapshot(tmp_path: Path) -> None
 def test_rejects_index_zero(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         SnapshotStore.open(tmp_path).save(0, 1, b"")
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300_000])
+def test_a_file_written_in_parts_is_the_one_protobuf_would_write(tmp_path: Path, size: int) -> None:
+    """The body is written field by field so the data is never copied; it must be the
+    exact bytes of a serialized SnapshotFile, header and checksum included."""
+    data = bytes(i % 256 for i in range(size))
+    body = wal_pb2.SnapshotFile(index=2**40 + 3, term=9, data=data).SerializeToString()
+    expected = struct.pack("<8sQI", MAGIC, len(body), crc32c(body)) + body
+    store = SnapshotStore.open(tmp_path)
+    assert store.save(2**40 + 3, 9, data).read_bytes() == expected
+    assert store.load_latest() == Snapshot(2**40 + 3, 9, data)
