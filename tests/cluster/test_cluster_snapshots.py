@@ -6,6 +6,7 @@ what protobuf would write."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 from cluster_helpers import FAST, Cluster, ListMachine, run, until
 from kms.raft.v1 import wal_pb2
 
-from kmsd.log.raft_disk import Member, cluster_snapshot
+from kmsd.errors import UnavailableError
+from kmsd.log.raft_disk import Member, RaftDisk, cluster_snapshot
 from kmsd.log.raft_log import RaftLog
 from kmsd.raft import ConfState
 from kmsd.storage.snapshots import SnapshotStore
@@ -155,3 +157,26 @@ def test_a_cluster_snapshot_joined_from_chunks_is_what_protobuf_would_write(
         ],
     ).SerializeToString()
     assert cluster_snapshot(state, conf, members) == expected
+
+
+def test_a_snapshot_that_cannot_be_written_stops_the_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written on the snapshot thread, a snapshot's I/O error is still fail-stop: the
+    node stops and refuses writes rather than go on with a log it cannot compact."""
+
+    def disk_full(self: RaftDisk, index: int, term: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        monkeypatch.setattr(RaftDisk, "write_snapshot", disk_full)
+        with pytest.raises(UnavailableError, match="No space left"):
+            for i in range(3 * SNAPSHOTTING.snapshot_every):
+                await leader.propose(b"a-%d" % i)
+        await until(lambda: leader.failure is not None, "the leader failing")
+        assert isinstance(leader.failure, OSError)
+        with pytest.raises(UnavailableError):
+            await leader.propose(b"after")
+
+    run(scenario, tmp_path, settings=SNAPSHOTTING)
