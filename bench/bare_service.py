@@ -27,7 +27,7 @@ from kms.v1 import kms_service_pb2 as pb
 from kms.v1 import kms_service_pb2_grpc as pb_grpc
 from kms.v1 import resources_pb2 as res
 
-from kmsd.api.server import MAX_MESSAGE_BYTES
+from kmsd.api.server import SERVER_OPTIONS
 from kmsd.config import DEFAULT_ACCOUNT, DEFAULT_REGION
 from kmsd.crypto import ciphertext
 from kmsd.crypto.keygen import material_id
@@ -103,12 +103,7 @@ def build_server(
 ) -> tuple[grpc.aio.Server, int]:
     """A not yet started server for `servicer` bound to `listen`, with kmsd's server
     options (shared by the benchmarks' stand-in servers)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_KeyManagementServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:

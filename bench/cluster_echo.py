@@ -35,7 +35,7 @@ from kms.v1 import kms_service_pb2_grpc as pb_grpc
 
 from bench.bare_service import build_server, serve_until_signalled
 from bench.cluster_procs import Child, Children, free_ports
-from kmsd.api.server import MAX_MESSAGE_BYTES
+from kmsd.api.server import SERVER_OPTIONS
 
 __all__ = ["EchoServer", "build_echo_server", "main"]
 
@@ -60,13 +60,7 @@ class ThreadedEchoServicer(pb_grpc.KeyManagementServiceServicer):
 
 
 def _serve_threaded(port: int, threads: int) -> None:
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=SERVER_OPTIONS)
     pb_grpc.add_KeyManagementServiceServicer_to_server(ThreadedEchoServicer(), server)  # type: ignore[abstract]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:

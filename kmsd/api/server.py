@@ -12,7 +12,7 @@ from kms.v1 import cluster_service_pb2, cluster_service_pb2_grpc, kms_service_pb
 from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.servicer import Ctx, KeyManagementServicer
-from kmsd.api.status import to_grpc_status
+from kmsd.api.status import abort
 from kmsd.auth.tls import ServerTls
 from kmsd.errors import ValidationError
 from kmsd.grpc_parsing import parsing_handler
@@ -21,21 +21,24 @@ from kmsd.service.context import Kms
 # The largest valid request (ReEncrypt: 6 KiB ciphertext, two 8 KiB contexts, ten
 # grant tokens) is far below this; anything bigger is refused before parsing.
 MAX_MESSAGE_BYTES = 256 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+"""The client API server's options (the benchmarks' stand-in servers use them too)."""
 SERVICE_NAME = kms_service_pb2.DESCRIPTOR.services_by_name["KeyManagementService"].full_name
 CLUSTER_SERVICE_NAME = cluster_service_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name
 
 
 async def _bad_request(context: Ctx, type_name: str) -> None:
-    await context.abort_with_status(
-        to_grpc_status(ValidationError("request", f"is not a valid {type_name} message"))
-    )
+    await abort(context, ValidationError("request", f"is not a valid {type_name} message"))
 
 
 def _audited_bad_request(audit: AuditHook) -> Callable[[Ctx, str], Awaitable[None]]:
     async def bad_request(context: Ctx, type_name: str) -> None:
         error = ValidationError("request", f"is not a valid {type_name} message")
         await audit.refused(context, type_name, error)  # aborts if it cannot record
-        await context.abort_with_status(to_grpc_status(error))
+        await abort(context, error)
 
     return bad_request
 
@@ -52,12 +55,7 @@ def build_server(
     With `audit`, every KeyManagementService call is recorded (docs/audit.md). With
     `tls`, the port is mutual TLS (client certificates required); without, plaintext
     (the caller has checked that `[tls].plaintext` allows it: loopback only)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     service = kms_service_pb2.DESCRIPTOR.services_by_name["KeyManagementService"]
     on_bad = _bad_request if audit is None else _audited_bad_request(audit)
     server.add_generic_rpc_handlers(

@@ -140,7 +140,7 @@ def _cut(path: Path, offset: int, reason: str) -> Cut:
         fh.seek(offset)
         data = fh.read()
     broken = unused_path(path.with_name(path.name + ".broken"))
-    write_durable_file(broken, data, os.fsync)
+    write_durable_file(broken, [data], os.fsync)
     fsync_dir(path.parent)
     os.truncate(path, offset)
     return Cut(path.name, offset, len(data), hashlib.sha256(data).hexdigest(), broken.name, reason)

@@ -536,8 +536,8 @@ class RaftLog:
                 while raw.has_ready() and not self._stopping:
                     await self._handle_ready(raw.ready())
                     self._take_inputs()
-                if self._snapshot_written is not None and not self._stopping:
-                    await self._record_snapshot()
+                if not self._stopping:
+                    await self._maybe_snapshot()  # records a snapshot written meanwhile
         except Exception as error:  # a persistence failure or a bug: stop, never ack
             self._fatal(error)
         finally:
@@ -833,13 +833,13 @@ class RaftLog:
         assert storage is not None and raw is not None
         index = self._applied
         frozen = _OwnSnapshot(index, storage.term(index), raw.status().conf, b"")
-        members = sorted(self._members.values(), key=lambda m: m.id)
+        members = list(self._members.values())
         started = time.monotonic()
         state = self._sm.freeze()
         frozen_in = time.monotonic() - started
         self._snapshots.started()
         self._snapshot_task = asyncio.create_task(
-            self._write_snapshot(frozen, members, state, started, frozen_in),
+            self._write_snapshot(frozen, members, state, frozen_in),
             name=f"raft-{self.node_id}-snapshot",
         )
 
@@ -848,9 +848,10 @@ class RaftLog:
         frozen: _OwnSnapshot,
         members: list[Member],
         state: Iterator[bytes],
-        started: float,
         frozen_in: float,
     ) -> None:
+        started = time.monotonic()
+
         def encode_and_write() -> bytes:
             data = cluster_snapshot(collect_politely(state), frozen.conf, members)
             self._disk.write_snapshot(frozen.index, frozen.term, data)
@@ -871,7 +872,7 @@ class RaftLog:
             frozen.index,
             len(data) / 1e6,
             frozen_in * 1e3,
-            (time.monotonic() - started - frozen_in) * 1e3,
+            (time.monotonic() - started) * 1e3,
         )
         self._snapshot_written = replace(frozen, data=data)
         self._wake.set()  # record it even if nothing else happens

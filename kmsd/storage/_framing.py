@@ -10,9 +10,12 @@ RECORD_HEADER = struct.Struct("<II")
 """uint32-LE payload length ‖ uint32-LE CRC32C of the payload."""
 
 
-def crc32c(data: bytes) -> int:
-    """CRC32C (Castagnoli) of `data`."""
-    return int(google_crc32c.value(data))
+def crc32c(data: bytes, *more: bytes) -> int:
+    """CRC32C (Castagnoli) of `data`, followed by `more` (as if joined)."""
+    crc = int(google_crc32c.value(data))
+    for part in more:
+        crc = int(google_crc32c.extend(crc, part))
+    return crc
 
 
 def frame(payload: bytes) -> bytes:

@@ -39,12 +39,12 @@ def make_dir(directory: Path) -> None:
     fsync_dir(directory.parent)
 
 
-def write_durable_file(path: Path, data: bytes | Sequence[bytes], syncer: Syncer) -> None:
-    """Creates `path` with `data` (or its parts, one after the other) and syncs it; the
-    caller fsyncs the directory."""
+def write_durable_file(path: Path, parts: Sequence[bytes], syncer: Syncer) -> None:
+    """Creates `path` with `parts`, one after the other (so a large file need not be
+    joined first), and syncs it; the caller fsyncs the directory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for part in [data] if isinstance(data, bytes) else data:
+        for part in parts:
             write_all(fd, part)
         syncer(fd)
     finally:

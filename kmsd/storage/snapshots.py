@@ -22,7 +22,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 from google.protobuf.message import DecodeError
 from kms.raft.v1 import wal_pb2
 
@@ -69,9 +68,8 @@ def encode_snapshot(index: int, term: int, data: bytes) -> list[bytes]:
     head = wal_pb2.SnapshotFile(index=index, term=term).SerializeToString()
     if data:
         head += bytes_field_head(wal_pb2.SnapshotFile.DATA_FIELD_NUMBER, len(data))
-    checksum = google_crc32c.extend(google_crc32c.value(head), data)
-    header = _HEADER.pack(MAGIC, len(head) + len(data), checksum)
-    return [header, head, data] if data else [header, head]
+    checksum = crc32c(head, data)
+    return [_HEADER.pack(MAGIC, len(head) + len(data), checksum), head, data]
 
 
 def decode_snapshot(path: Path, raw: bytes) -> Snapshot:

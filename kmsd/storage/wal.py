@@ -204,7 +204,7 @@ class _Replay:
 def _repair_tail(path: Path, data: bytes, offset: int, reason: str, syncer: Syncer) -> TailRepair:
     # Same order as etcd's wal.Repair: keep the evidence durably, then cut.
     broken = unused_path(path.with_name(path.name + ".broken"))
-    write_durable_file(broken, data[offset:], os.fsync)
+    write_durable_file(broken, [data[offset:]], os.fsync)
     fsync_dir(path.parent)
     fd = os.open(path, os.O_WRONLY)
     try:

@@ -112,12 +112,18 @@ def _snapshot_after_removal() -> tuple[MemoryStorage, int]:
     net = Net.of(3)
     leader = net.elect(1)
     _remove(net, leader, 3)
+    return leader.storage, _snapshot_and_compact(net, leader)
+
+
+def _snapshot_and_compact(net: Net, leader: Node) -> int:
+    """One more entry committed everywhere reachable, then the leader's snapshot at its
+    applied index with the log compacted up to it; returns that index."""
     leader.raw.propose(b"x")
     net.stabilize()
     index = leader.raw.status().applied
     leader.storage.create_snapshot(index, leader.conf, b"state")
     leader.storage.compact(index)
-    return leader.storage, index
+    return index
 
 
 def test_a_node_restarted_from_a_snapshot_still_refuses_removed_ids() -> None:
@@ -151,11 +157,7 @@ def test_a_follower_installing_a_snapshot_learns_the_removed_ids() -> None:
     leader = net.elect(1)
     net.isolated = {5}
     _remove(net, leader, 4)
-    leader.raw.propose(b"x")
-    net.stabilize()
-    index = leader.raw.status().applied
-    leader.storage.create_snapshot(index, leader.conf, b"state")
-    leader.storage.compact(index)
+    index = _snapshot_and_compact(net, leader)
     assert 4 not in net[5].raw.status().conf.removed
     net.isolated = set()
     net.tick_all(3)  # heartbeats find node 5 behind the compaction: a snapshot
