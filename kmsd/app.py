@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from kmsd.api.audit import AuditHook
 from kmsd.api.cluster import ClusterServicer
 from kmsd.api.server import CLUSTER_SERVICE_NAME, SERVICE_NAME, build_server
+from kmsd.audit.logged import LoggedAudit
 from kmsd.audit.writer import AuditWriter
 from kmsd.auth.throttle import RateLimiter
 from kmsd.auth.tls import PeerTls, ServerTls
@@ -145,7 +146,13 @@ class Node:
             await self.audit.start()
         seal = open_seal(config)
         store = KeyStore()
-        command_log = self._command_log(store)
+        names = Names(region=config.region, account=config.account)
+        logged = None
+        if self.audit is not None:
+            # Before the log starts: replaying it writes records a crash left unwritten.
+            logged = LoggedAudit(self.audit, config.node_id, names.key_arn)
+            store.observer = logged.applied
+        command_log = self._command_log(store, logged)
         await command_log.start()
         if command_log.tail_repair is not None:
             log.warning("the log's torn tail was repaired: %s", command_log.tail_repair)
@@ -154,12 +161,13 @@ class Node:
             store=store,
             log=command_log,
             seal=seal,
-            names=Names(region=config.region, account=config.account),
+            names=names,
             clock=self._clock,
             rng=self._rng,
             max_staleness_s=config.raft.max_staleness_ms / 1000,
             auth=config.auth,
             limiter=RateLimiter(config.limits.requests_per_second, config.limits.burst),
+            logged_audit=logged,
         )
         if not config.auth.enabled:
             log.warning("[auth].enabled = false: authorization is OFF, anyone may do anything")
@@ -187,14 +195,16 @@ class Node:
             store.applied_index,
         )
 
-    def _command_log(self, store: KeyStore) -> SingleNodeLog | RaftLog:
+    def _command_log(self, store: KeyStore, logged: LoggedAudit | None) -> SingleNodeLog | RaftLog:
         config = self.config
+        settle = None if logged is None else logged.settle
         if not config.clustered:
             single = SingleNodeLog(
                 config.data_dir / "log",
                 store,
                 snapshot_every=config.snapshot_every,
                 on_fatal=self._on_fatal,
+                before_compaction=settle,
             )
             return single
         members = [Member(m.id, m.peer_address, m.client_address) for m in config.members]
@@ -218,6 +228,7 @@ class Node:
                 request_timeout_s=config.raft.request_timeout_seconds,
             ),
             on_fatal=self._on_fatal,
+            before_compaction=settle,
         )
 
     def _on_audit_availability(self, available: bool) -> None:

@@ -4,17 +4,21 @@ one record (docs/audit.md) before its answer leaves the node.
 `AuditHook.call` wraps an RPC: it refuses at once (UNAVAILABLE) while the audit log
 cannot be written, runs the operation, records the outcome and waits until the
 record is durable, then answers; if the record cannot be written the caller gets
-UNAVAILABLE instead of the answer (fail closed). A call cancelled by its client is
-recorded too (without waiting). What is recorded is chosen field by field here:
-names, ids, ARNs and encryption contexts, never plaintext, ciphertext, data keys
-or key material. Grant tokens are recorded only as SHA-256 digests, key policies as
-their digest and size; a refusal records why in `detail.denial`.
+UNAVAILABLE instead of the answer (fail closed). A mutation whose command reached
+the log is the exception: its record travels in the command and is written when the
+command applies (`kmsd.audit.logged`), so the answer does not wait for it. A call
+cancelled by its client is recorded too (without waiting). What is recorded is
+chosen field by field here: names, ids, ARNs and encryption contexts, never
+plaintext, ciphertext, data keys or key material. Grant tokens are recorded only as
+SHA-256 digests, key policies as their digest and size; a refusal records why in
+`detail.denial`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +26,10 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.api.status import abort
+from kmsd.audit.logged import CURRENT_CALL
 from kmsd.audit.record import AuditEvent, bounded, bounded_context, new_request_id
 from kmsd.audit.writer import AuditUnavailable, AuditWriter
 from kmsd.auth.grants import OPERATION_NAMES, decode_token
@@ -103,6 +109,35 @@ def _extras(request: Message, response: Message | Any | None) -> dict[str, Any]:
     return extras
 
 
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+class _Call:
+    """One RPC being served, for `kmsd.audit.logged`: drafts its record for a command."""
+
+    __slots__ = ("_hook", "_request", "_context", "_principal", "logged")
+
+    def __init__(self, hook: AuditHook, request: Message, context: Ctx, principal: str | None):
+        self._hook = hook
+        self._request = request
+        self._context = context
+        self._principal = principal
+        self.logged = False
+
+    def fill_draft(self, draft: fsm.AuditDraft) -> None:
+        request, context = self._request, self._context
+        event = self._hook.event(request, context, None, None, principal=self._principal)
+        draft.operation = event.operation
+        draft.principal = event.principal
+        draft.source = event.source
+        if event.key_arn is not None:
+            draft.key_arn = event.key_arn
+        draft.request_id = event.request_id
+        draft.encryption_context.update(event.encryption_context)
+        if event.detail:
+            draft.detail_json = _dumps(event.detail)
+
+
 class AuditHook:
     """Records RPC outcomes into an `AuditWriter`."""
 
@@ -125,13 +160,16 @@ class AuditHook:
         if not writer.available:
             await abort(context, writer.unavailable_error())
         writer.calls_in_flight += 1  # see AuditWriter._sync_inline
+        call = _Call(self, request, context, principal)
+        token = CURRENT_CALL.set(call)
         try:
             try:
                 response = await run()
             except KmsError as error:
-                await self._record(
-                    self.event(request, context, None, error, principal=principal), context
-                )
+                if not call.logged:  # else its command's record says so already
+                    await self._record(
+                        self.event(request, context, None, error, principal=principal), context
+                    )
                 await abort(context, error)
             except grpc.aio.AbortError:
                 raise  # the body aborted the call itself (never expected)
@@ -139,20 +177,24 @@ class AuditHook:
                 # The traceback names code, never request contents (which may be plaintext).
                 log.exception("internal error in %s", _shape(request).operation)
                 internal = InternalError("internal error")
-                await self._record(
-                    self.event(request, context, None, internal, principal=principal), context
-                )
+                if not call.logged:
+                    await self._record(
+                        self.event(request, context, None, internal, principal=principal),
+                        context,
+                    )
                 await abort(context, internal)
             except asyncio.CancelledError:
                 self._record_nowait(
                     self.event(request, context, None, None, cancelled=True, principal=principal)
                 )
                 raise
-            await self._record(
-                self.event(request, context, response, None, principal=principal), context
-            )
+            if not call.logged:
+                await self._record(
+                    self.event(request, context, response, None, principal=principal), context
+                )
             return response
         finally:
+            CURRENT_CALL.reset(token)
             writer.calls_in_flight -= 1
 
     async def refused(self, context: Ctx, type_name: str, error: KmsError) -> None:

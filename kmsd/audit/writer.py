@@ -32,6 +32,14 @@ Restart: the chain continues from the newest file's last valid record. Bytes
 after it (a write torn by a crash: an incomplete line, zeros, a garbled record)
 are copied to `<file>.broken`, cut off, and named by a recovery record; damage
 anywhere else is left for `kmsctl audit verify` to report.
+
+Log-backed records (`submit_logged`): the record of a mutation that the command log
+made durable, written when the command is applied. Nobody waits for it: the log
+entry it is made from is durable already, and `kmsd.audit.logged` writes it again
+from the log if it is lost (`logged_watermark`, read at start, says up to which log
+index this node's records are in the chain). So a write or fsync failure does not
+refuse it: it is written again after recovery. `settle` makes everything submitted
+durable at once, before a snapshot lets the log forget the entries.
 """
 
 from __future__ import annotations
@@ -209,7 +217,35 @@ class _Pending:
     line: bytes
     seq: int
     hash: str
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | None
+    logged: AuditEvent | None = None
+    """The event of a log-backed record (kept to write it again after a failure)."""
+    log_index: int = 0
+
+
+_LOG_INDEX = b'"log_index":'
+
+
+def last_logged_index(directory: Path, node_id: int) -> int:
+    """The highest `detail.log_index` of node `node_id`'s log-backed records in the
+    chain (searched from the newest file back), or 0."""
+    for path in reversed(audit_files(directory)):
+        data = path.read_bytes()
+        end = len(data)
+        while (at := data.rfind(_LOG_INDEX, 0, end)) >= 0:
+            begin = data.rfind(b"\n", 0, at) + 1
+            stop = data.find(b"\n", at)
+            record, why = parse_record(data[begin : stop if stop >= 0 else len(data)])
+            detail = record.get("detail") if record is not None and not why else None
+            if (
+                record is not None
+                and record.get("node") == node_id
+                and isinstance(detail, dict)
+                and isinstance(detail.get("log_index"), int)
+            ):
+                return int(detail["log_index"])
+            end = begin
+    return 0
 
 
 class AuditWriter:
@@ -280,6 +316,11 @@ class AuditWriter:
         self._poisoned = False
         self._thread: threading.Thread | None = None
         self._failure_cut: Cut | None = None
+        # Log-backed records a failure cut off (or that came during it), to write again.
+        self._requeue: list[tuple[AuditEvent, int]] = []
+        self._logged_dropped = False
+        self.logged_watermark = 0
+        """The highest log index of this node's log-backed records in the chain at start."""
         self.batches = 0
         """Writes of a group of records (each made durable by one fsync or less)."""
         self.syncs = 0
@@ -296,6 +337,9 @@ class AuditWriter:
         self._started = True
         self._loop = loop = asyncio.get_running_loop()
         tail = await loop.run_in_executor(None, self._open_tail)
+        self.logged_watermark = await loop.run_in_executor(
+            None, last_logged_index, self._dir, self._node
+        )
         self._next_seq, self._prev = tail.last_seq + 1, tail.last_hash
         self._written = (tail.last_seq, tail.last_hash, tail.offset)
         self._durable_seq, self._durable_hash = tail.last_seq, tail.last_hash
@@ -395,18 +439,69 @@ class AuditWriter:
         not writable."""
         if not self.available or self._loop is None:
             raise self.unavailable_error()
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._queue(event, future, None, 0)
+        return future
+
+    def submit_logged(self, event: AuditEvent, log_index: int) -> None:
+        """Chains and queues the record of the mutation at `log_index`, which the command
+        log made durable: nobody waits for it. While the log cannot be written it is
+        kept and written after recovery; once closed it is dropped (the next start
+        writes it from the command log)."""
+        if self._closed or self._loop is None:
+            self._logged_dropped = True
+        elif self._failure is not None:
+            self._requeue.append((event, log_index))
+        else:
+            self._queue(event, None, event, log_index)
+
+    def _queue(
+        self,
+        event: AuditEvent,
+        future: asyncio.Future[None] | None,
+        logged: AuditEvent | None,
+        log_index: int,
+    ) -> None:
+        assert self._loop is not None
         seq = self._next_seq
         line, digest = encode(
             event, seq=seq, time_ms=self._clock.now_ms(), node=self._node, prev=self._prev
         )
         self._next_seq, self._prev = seq + 1, digest
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._unwritten.append(_Pending(line, seq, digest, future))
+        self._unwritten.append(_Pending(line, seq, digest, future, logged, log_index))
         if not self._write_scheduled:
             # One write for all the records submitted in this turn of the loop.
             self._write_scheduled = True
             self._loop.call_soon(self._write_batch)
-        return future
+
+    def settle(self) -> None:
+        """On the loop: makes every record submitted so far durable now (write and
+        fdatasync here). Raises AuditUnavailable if a log-backed record cannot be made
+        durable now (the log is failed or closed): the command log must then keep the
+        entries it would be written from."""
+        if self._requeue or self._logged_dropped:
+            raise self.unavailable_error()
+        if self._unwritten:
+            self._write_batch()
+        if self._failure is not None or self._closed:
+            if self._requeue:
+                raise self.unavailable_error()
+            return
+        if self._sync is None:
+            return
+        with self._fd_lock:  # a sync in progress on the thread finishes first
+            gen, fd = self._gen, self._fd
+            seq, _, offset = self._written
+            if seq > self._synced_seq and fd >= 0:
+                try:
+                    self._sync(fd)
+                except Exception as error:
+                    self._poisoned = True
+                    self._fail(f"{type(error).__name__}: {error}", [])
+                    raise self.unavailable_error() from error
+                self._synced_seq = seq
+                self.syncs += 1
+        self._synced(gen, seq, offset)
 
     async def record(self, event: AuditEvent) -> None:
         """Records `event`; returns once it is durable. Raises AuditUnavailable."""
@@ -435,7 +530,8 @@ class AuditWriter:
         if self._sync is None:
             self._durable_offset = self._written[2]
             self._resolve(last.seq)
-        elif not self._sync_inline():
+        elif last.logged is not None or not self._sync_inline():
+            # A log-backed record's fsync never waits on the loop: nobody waits for it.
             self._wakeup.set()
 
     def _sync_inline(self) -> bool:
@@ -487,7 +583,7 @@ class AuditWriter:
         while waiting and waiting[0].seq <= seq:
             pending = waiting.popleft()
             self._durable_seq, self._durable_hash = pending.seq, pending.hash
-            if not pending.future.done():
+            if pending.future is not None and not pending.future.done():
                 pending.future.set_result(None)
 
     # -- the sync thread -----------------------------------------------------------------
@@ -558,11 +654,16 @@ class AuditWriter:
     # -- fail closed, and recovery -------------------------------------------------------
 
     def _fail(self, cause: str, batch: list[_Pending]) -> None:
-        refused = batch + self._unwritten + list(self._waiting)
+        cut_off = sorted(batch + self._unwritten + list(self._waiting), key=lambda p: p.seq)
         self._unwritten = []
         self._waiting.clear()
+        # Log-backed records are written again after recovery, in their order.
+        logged = [(p.logged, p.log_index) for p in cut_off if p.logged is not None]
+        self._requeue[:0] = logged
+        refused = [p for p in cut_off if p.future is not None]
         error = AuditUnavailable(cause)
         for pending in refused:
+            assert pending.future is not None
             if not pending.future.done():
                 pending.future.set_exception(error)
                 # A caller that was cancelled meanwhile never retrieves it.
@@ -603,8 +704,13 @@ class AuditWriter:
                 else cut.detail("write_failed", **facts)
             )
             self._failure = None
+            recorded = self.submit(recovery_event(detail))
+            # Right behind it, before anything newer: log-backed records stay in log order.
+            requeued, self._requeue = self._requeue, []
+            for event, log_index in requeued:
+                self._queue(event, None, event, log_index)
             try:
-                await self.record(recovery_event(detail))
+                await recorded
             except AuditUnavailable:
                 return  # it failed again: _fail has started the next recovery task
             log.warning("audit: the log is writable again; %s", detail)

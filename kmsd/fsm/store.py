@@ -93,6 +93,8 @@ class KeyStore:
         # The encodings of the last snapshot made in full; replaced, never changed, so
         # a snapshot encoding on another thread may read it while a newer one is made.
         self._encodings: _Encodings = {}
+        self.observer: Callable[[int, fsm.Command, fsm.CommandResult], None] | None = None
+        """Told of every command applied, with its result (the audit of logged mutations)."""
         self._handlers: dict[str, Callable[[fsm.Command], str]] = {
             "create_key": self._create_key,
             "update_key_description": self._update_key_description,
@@ -128,6 +130,12 @@ class KeyStore:
             cmd.ParseFromString(command)
         except DecodeError:
             return _rejected(InternalError("undecodable command"))
+        result = self._apply(index, cmd)
+        if self.observer is not None:
+            self.observer(index, cmd, result)
+        return result
+
+    def _apply(self, index: int, cmd: fsm.Command) -> fsm.CommandResult:
         kind = cmd.WhichOneof("kind")
         if kind is None:
             return _rejected(InternalError("empty command"))

@@ -17,8 +17,9 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,6 +51,27 @@ class StateMachine(Protocol):
     def applied_index(self) -> int:
         """The index of the last command applied (or restored from a snapshot); 0 if none."""
         ...
+
+
+_log = logging.getLogger(__name__)
+
+BeforeCompaction = Callable[[], None]
+"""Called on the loop before a snapshot lets a log discard applied entries: makes
+durable whatever was derived from them and could otherwise only be rebuilt from them
+(the audit records of logged mutations, `kmsd.audit.logged`). Raises if it cannot."""
+
+
+def ready_to_snapshot(before: BeforeCompaction | None) -> bool:
+    """Runs `before` ahead of a snapshot of the log's own; False (snapshot later) if it
+    raised."""
+    if before is None:
+        return True
+    try:
+        before()
+    except Exception as error:
+        _log.warning("snapshot postponed: %s", error)
+        return False
+    return True
 
 
 def collect_politely(chunks: Iterable[bytes], slice_s: float = 0.0001) -> list[bytes]:

@@ -59,7 +59,14 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import UnavailableError, ValidationError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, collect_politely
+from kmsd.log.base import (
+    Applied,
+    BeforeCompaction,
+    SnapshotPolicy,
+    StateMachine,
+    collect_politely,
+    ready_to_snapshot,
+)
 from kmsd.log.raft_disk import Member, RaftDisk, cluster_snapshot, founding_log
 from kmsd.raft import (
     ConfChange,
@@ -126,7 +133,11 @@ class RaftLog:
         settings: RaftSettings | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         rng: random.Random | None = None,
+        before_compaction: BeforeCompaction | None = None,
     ) -> None:
+        """`before_compaction` runs before a snapshot, the node's own or one installed
+        from the leader, replaces applied entries (see `kmsd.log.base`)."""
+        self._before_compaction = before_compaction
         self.node_id = node_id
         self.settings = settings or RaftSettings()
         self._sm = state_machine
@@ -654,6 +665,10 @@ class RaftLog:
         assert storage is not None and raw is not None
         # must_sync covers entries, a snapshot and a term or vote change; what is left
         # (a moved commit index) needs no write of its own.
+        if ready.snapshot is not None and self._before_compaction is not None:
+            # The leader's snapshot replaces this node's log: what is still to be
+            # derived from its applied entries must be durable first (else fatal).
+            self._before_compaction()
         durable = ready.must_sync or ready.snapshot is not None or bool(ready.entries)
         send_first = bool(ready.messages) and (ready.early_send_ok or not durable)
         if send_first:
@@ -828,6 +843,8 @@ class RaftLog:
         if self._snapshot_task is not None or not self._snapshots.due(
             self._applied - self._snapshot_index
         ):
+            return
+        if not ready_to_snapshot(self._before_compaction):
             return
         storage, raw = self._storage, self._raw
         assert storage is not None and raw is not None

@@ -36,7 +36,14 @@ from pathlib import Path
 from kms.raft.v1 import wal_pb2
 
 from kmsd.errors import StorageCorruptedError, UnavailableError
-from kmsd.log.base import Applied, SnapshotPolicy, StateMachine, collect_politely
+from kmsd.log.base import (
+    Applied,
+    BeforeCompaction,
+    SnapshotPolicy,
+    StateMachine,
+    collect_politely,
+    ready_to_snapshot,
+)
 from kmsd.storage._fsutil import Syncer
 from kmsd.storage.snapshots import Snapshot, SnapshotStore
 from kmsd.storage.wal import DEFAULT_SEGMENT_BYTES, RecoveredState, TailRepair, Wal
@@ -87,9 +94,12 @@ class SingleNodeLog:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         datasync: Syncer = os.fdatasync,
         snapshot_fsync: Syncer = os.fsync,
+        before_compaction: BeforeCompaction | None = None,
     ) -> None:
         """`datasync` and `snapshot_fsync` make WAL and snapshot files durable; they are
-        seams for tests (count or fail syncs) and default to the real system calls."""
+        seams for tests (count or fail syncs) and default to the real system calls.
+        `before_compaction` runs before each snapshot (see `kmsd.log.base`)."""
+        self._before_compaction = before_compaction
         self._data_dir = data_dir
         self._sm = state_machine
         self._snapshots = SnapshotPolicy(snapshot_every)
@@ -370,6 +380,8 @@ class SingleNodeLog:
         if self._state is not _State.RUNNING or self._snapshot_task is not None:
             return
         if not self._snapshots.due(self._applied_index - self._snapshot_index):
+            return
+        if not ready_to_snapshot(self._before_compaction):
             return
         index = self._applied_index
         # Frozen here, between applies, so the bytes match exactly `index`; encoded and

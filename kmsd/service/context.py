@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 from kms.fsm.v1 import commands_pb2 as fsm
 
+from kmsd.audit.logged import LoggedAudit
 from kmsd.auth.authorizer import Authorizer
 from kmsd.auth.throttle import RateLimiter
 from kmsd.clock import Clock
@@ -118,6 +119,8 @@ class Kms:
     auth: AuthConfig = field(default_factory=AuthConfig)
     # Per-principal request rate ([limits]); off unless the node configures it.
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0, 1))
+    # Audit records of mutations written from the log; None without an audit trail.
+    logged_audit: LoggedAudit | None = None
     materials: MaterialCache = field(init=False)
     authorizer: Authorizer = field(init=False)
 
@@ -142,8 +145,14 @@ class Kms:
         )
 
     async def propose(self, command: fsm.Command) -> Committed:
-        """Commits and applies `command`; raises the error the store recorded, if any."""
+        """Commits and applies `command`; raises the error the store recorded, if any.
+        The audit record of the request being served travels in the command, and is
+        written when it applies (`kmsd.audit.logged`)."""
+        logged = self.logged_audit
+        call = logged.draft_into(command) if logged is not None else None
         applied = await self.log.propose(command.SerializeToString())
+        if call is not None and logged is not None and logged.took(applied.index):
+            call.logged = True
         result = applied.result
         if not isinstance(result, fsm.CommandResult):
             raise InternalError("the state machine returned no result")

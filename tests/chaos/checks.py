@@ -13,7 +13,11 @@ index, then checks:
   `[raft].max_staleness_ms` (DESIGN.md §4), so an Encrypt is checked as if it had been
   called that much earlier: "ok" is allowed from a key disabled less than that bound
   before, and from nothing older;
-* the cluster still takes writes.
+* the cluster still takes writes;
+* the audit trails, once every node is stopped cleanly: each node's chain verifies,
+  its records of mutations come in log order, each log index at most once, and every
+  acknowledged CreateKey has its "ok" record on some node (the node that answered it
+  wrote it when the command applied, or again from its log after a crash).
 
 On a problem it saves the history as JSONL next to the node logs and raises
 AssertionError naming the seed, the files, and the checker's explanation.
@@ -30,11 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from audit_records import audit_records
 from cluster import ChaosCluster
 from kms.v1 import kms_service_pb2 as pb
 from workload import KEY_STATES, Workload
 
 from kms_client import KmsClient
+from kms_client.audit_verify import audit_files, verify
 from kmsd.checker import (
     HistoryRecorder,
     KeyStoreModel,
@@ -165,8 +171,37 @@ def verify_run(
     except Exception as error:
         problems.append(f"the healed cluster does not take writes: {error!r}")
 
+    problems += check_audit_trails(cluster, acked)
     if problems:
         fail(cluster, recorder, seed, problems, workload)
+
+
+def check_audit_trails(cluster: ChaosCluster, acked: set[str]) -> list[str]:
+    """Stops every node cleanly, then checks their audit logs (see the module docstring)."""
+    cluster.stop_all()
+    problems: list[str] = []
+    recorded: set[str] = set()
+    for node_id, node in cluster.nodes.items():
+        directory = node.data_dir / "audit"
+        report = verify(audit_files(directory))
+        if not report.ok:
+            problems.append(f"node {node_id}'s audit trail does not verify: {report.first_bad}")
+        indices = []
+        for record in audit_records(directory):
+            detail = record.get("detail") or {}
+            if "log_index" in detail:
+                indices.append(detail["log_index"])
+            if record["operation"] == "CreateKey" and record["outcome"] == "ok":
+                recorded.add(str(record["key_arn"]).rpartition("/")[2])
+        if indices != sorted(set(indices)):
+            problems.append(f"node {node_id}'s records of mutations are not in log order, once")
+    missing = acked - recorded
+    cluster.note(f"audit: {len(acked) - len(missing)} of {len(acked)} acknowledged creates found")
+    if missing:
+        problems.append(
+            f"{len(missing)} acknowledged CreateKeys have no audit record: {sorted(missing)[:5]}"
+        )
+    return problems
 
 
 def fail(

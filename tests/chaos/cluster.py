@@ -264,6 +264,22 @@ class ChaosCluster:
         for node_id in self.nodes:
             self.kill(node_id)
 
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """SIGTERM to every node, and wait for each to exit (a clean shutdown: their
+        audit logs are synced and closed)."""
+        for node in self.nodes.values():
+            if node.proc is not None:
+                if node.paused:
+                    node.proc.send_signal(signal.SIGCONT)
+                    node.paused = False
+                node.proc.send_signal(signal.SIGTERM)
+        for node_id, node in self.nodes.items():
+            if node.proc is not None:
+                node.proc.wait(timeout=timeout)
+                node.proc = None
+                self._reset_channel(node)
+                self.note(f"stopped node {node_id}")
+
     def restart(self, node_id: int) -> None:
         """SIGKILL if running, then start again on the same data directory."""
         if self.nodes[node_id].proc is not None:

@@ -37,6 +37,7 @@ class Command(_message.Message):
     NOW_MS_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     REQUEST_DIGEST_FIELD_NUMBER: _builtins.int
+    AUDIT_FIELD_NUMBER: _builtins.int
     CREATE_KEY_FIELD_NUMBER: _builtins.int
     UPDATE_KEY_DESCRIPTION_FIELD_NUMBER: _builtins.int
     ENABLE_KEY_FIELD_NUMBER: _builtins.int
@@ -72,6 +73,15 @@ class Command(_message.Message):
     the same digest it returns the first result, even though the proposer chose
     new key ids or material for the retry.
     """
+    @_builtins.property
+    def audit(self) -> Global___AuditDraft:
+        """The audit record of the client request behind this command, as the node that
+        served the request drafted it before proposing: everything but the outcome,
+        which applying the command decides. That node writes the record when it
+        applies the command, and writes it again from the log after a crash, so the
+        log makes the record durable (docs/audit.md). Other nodes ignore it.
+        """
+
     @_builtins.property
     def create_key(self) -> Global___CreateKey:
         """Create a key."""
@@ -155,6 +165,7 @@ class Command(_message.Message):
         now_ms: _builtins.int = ...,
         principal: _builtins.str = ...,
         request_digest: _builtins.bytes = ...,
+        audit: Global___AuditDraft | None = ...,
         create_key: Global___CreateKey | None = ...,
         update_key_description: Global___UpdateKeyDescription | None = ...,
         enable_key: Global___EnableKey | None = ...,
@@ -175,15 +186,89 @@ class Command(_message.Message):
         retire_grant: Global___RetireGrant | None = ...,
         revoke_grant: Global___RevokeGrant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "put_key_policy", b"put_key_policy", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "put_key_policy", b"put_key_policy", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "put_key_policy", b"put_key_policy", "request_digest", b"request_digest", "request_id", b"request_id", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit", b"audit", "cancel_key_deletion", b"cancel_key_deletion", "create_alias", b"create_alias", "create_grant", b"create_grant", "create_key", b"create_key", "delete_alias", b"delete_alias", "delete_key", b"delete_key", "disable_key", b"disable_key", "disable_key_rotation", b"disable_key_rotation", "enable_key", b"enable_key", "enable_key_rotation", b"enable_key_rotation", "kind", b"kind", "now_ms", b"now_ms", "principal", b"principal", "put_key_policy", b"put_key_policy", "request_digest", b"request_digest", "request_id", b"request_id", "retire_grant", b"retire_grant", "revoke_grant", b"revoke_grant", "rotate_key", b"rotate_key", "schedule_key_deletion", b"schedule_key_deletion", "tag_resource", b"tag_resource", "untag_resource", b"untag_resource", "update_alias", b"update_alias", "update_key_description", b"update_key_description"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["create_key", "update_key_description", "enable_key", "disable_key", "schedule_key_deletion", "cancel_key_deletion", "delete_key", "create_alias", "update_alias", "delete_alias", "enable_key_rotation", "disable_key_rotation", "rotate_key", "tag_resource", "untag_resource", "put_key_policy", "create_grant", "retire_grant", "revoke_grant"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class AuditDraft(_message.Message):
+    """An audit record without its outcome (docs/audit.md has the fields)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EncryptionContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_FIELD_NUMBER: _builtins.int
+    LIFE_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    KEY_ARN_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_CONTEXT_FIELD_NUMBER: _builtins.int
+    DETAIL_JSON_FIELD_NUMBER: _builtins.int
+    node: _builtins.int
+    """The node that served the request and writes the record."""
+    life: _builtins.bytes
+    """A random token of the process that proposed: a record made when applying a
+    command of another process of the node is one rebuilt from the log.
+    """
+    operation: _builtins.str
+    principal: _builtins.str
+    source: _builtins.str
+    key_arn: _builtins.str
+    """The key the request named (an ARN when it resolved), before the outcome."""
+    request_id: _builtins.str
+    detail_json: _builtins.str
+    """The record's detail as canonical JSON; empty for none."""
+    @_builtins.property
+    def encryption_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.int = ...,
+        life: _builtins.bytes = ...,
+        operation: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        source: _builtins.str = ...,
+        key_arn: _builtins.str | None = ...,
+        request_id: _builtins.str = ...,
+        encryption_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        detail_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_key_arn", b"_key_arn", "key_arn", b"key_arn"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_key_arn", b"_key_arn", "detail_json", b"detail_json", "encryption_context", b"encryption_context", "key_arn", b"key_arn", "life", b"life", "node", b"node", "operation", b"operation", "principal", b"principal", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__key_arn: _TypeAlias = _typing.Literal["key_arn"]  # noqa: Y015
+    _WhichOneofArgType__key_arn: _TypeAlias = _typing.Literal["_key_arn", b"_key_arn"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__key_arn) -> _WhichOneofReturnType__key_arn | None: ...
+
+Global___AuditDraft: _TypeAlias = AuditDraft  # noqa: Y015
 
 @_typing.final
 class CreateKey(_message.Message):
