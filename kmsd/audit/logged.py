@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from kms.fsm.v1 import commands_pb2 as fsm
 from kmsd.audit.record import AuditEvent, bounded
 from kmsd.audit.writer import AuditWriter
 from kmsd.errors import error_from_reason
+
+log = logging.getLogger(__name__)
 
 _TOOK_KEPT = 4096
 """Applied log indices remembered for `took` (proposals answered long after are rare)."""
@@ -93,8 +96,20 @@ class LoggedAudit:
         if not command.HasField("audit"):
             return
         draft = command.audit
-        if draft.node != self._node or index <= self._watermark:
+        if draft.node != self._node:
             return
+        if index <= self._watermark:
+            if draft.life != self._life:
+                return  # recorded before the restart that replays it
+            # Proposed by this process, yet at or below what the audit log has seen: the
+            # log was emptied (its indices start again) while the audit log was kept.
+            log.warning(
+                "audit: log index %d is at or below the last recorded one (%d): the command"
+                " log was reset; recording from here on",
+                index,
+                self._watermark,
+            )
+            self._watermark = 0
         detail = _detail(draft)
         key_arn = draft.key_arn if draft.HasField("key_arn") else None
         if result.HasField("error"):

@@ -227,8 +227,9 @@ _LOG_INDEX = b'"log_index":'
 
 
 def last_logged_index(directory: Path, node_id: int) -> int:
-    """The highest `detail.log_index` of node `node_id`'s log-backed records in the
-    chain (searched from the newest file back), or 0."""
+    """The `detail.log_index` of node `node_id`'s last log-backed record in the chain
+    (searched from the newest file back), or 0. (Log order is chain order, so it is the
+    highest one, unless the command log was reset since: then it is the new log's.)"""
     for path in reversed(audit_files(directory)):
         data = path.read_bytes()
         end = len(data)
@@ -320,7 +321,7 @@ class AuditWriter:
         self._requeue: list[tuple[AuditEvent, int]] = []
         self._logged_dropped = False
         self.logged_watermark = 0
-        """The highest log index of this node's log-backed records in the chain at start."""
+        """The log index of this node's last log-backed record in the chain at start."""
         self.batches = 0
         """Writes of a group of records (each made durable by one fsync or less)."""
         self.syncs = 0

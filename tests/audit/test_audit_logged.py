@@ -244,6 +244,29 @@ def test_commands_at_or_below_the_watermark_are_not_recorded_again(tmp_path: Pat
     assert [r["detail"]["log_index"] for r in verified(tmp_path)] == [20, 21]
 
 
+def test_a_reset_command_log_is_recorded_from_its_first_index(tmp_path: Path) -> None:
+    """The audit log kept, the command log emptied: the new log's indices start again
+    below the last recorded one, and its commands are still recorded."""
+
+    async def main() -> None:
+        writer = AuditWriter(tmp_path, node_id=1)
+        await writer.start()
+        writer.submit_logged(event(detail={"log_index": 50}), 50)
+        await writer.stop()
+        writer = AuditWriter(tmp_path, node_id=1)
+        await writer.start()
+        logged = LoggedAudit(writer, 1, key_arn)
+        life = logged_life(logged)
+        for index in (1, 2):
+            command = command_with_draft(1, life, operation="CreateKey")
+            logged.applied(index, command, fsm.CommandResult(key_id=f"k{index}"))
+        await writer.stop()
+        assert last_logged_index(tmp_path, 1) == 2  # what the next start goes by
+
+    asyncio.run(main())
+    assert [r["detail"]["log_index"] for r in verified(tmp_path)] == [50, 1, 2]
+
+
 # -- a node ----------------------------------------------------------------------------
 
 
