@@ -37,9 +37,11 @@ Log-backed records (`submit_logged`): the record of a mutation that the command 
 made durable, written when the command is applied. Nobody waits for it: the log
 entry it is made from is durable already, and `kmsd.audit.logged` writes it again
 from the log if it is lost (`logged_watermark`, read at start, says up to which log
-index this node's records are in the chain). So a write or fsync failure does not
-refuse it: it is written again after recovery. `settle` makes everything submitted
-durable at once, before a snapshot lets the log forget the entries.
+index this node's records are in the chain). So its fsync waits for company (the
+next record someone waits for, or at most a second or 1024 such records), and a write
+or fsync failure does not refuse it: it is written again after recovery. `settle`
+makes everything submitted durable at once, before a snapshot lets the log forget the
+entries.
 """
 
 from __future__ import annotations
@@ -266,13 +268,17 @@ class AuditWriter:
         gather_max_s: float = 0.005,
         gather_slice_s: float = 0.0003,
         inline_sync: bool = True,
+        logged_sync_interval_s: float = 1.0,
+        logged_sync_records: int = 1024,
     ) -> None:
         """`syncer` makes a file's data durable (a seam for tests: count or fail syncs);
         with `fsync` False nothing is synced (records survive a process crash, not a
         power loss). `on_availability` is told when the log stops and starts taking
         records. Under load an fsync waits up to `gather_max_s` after the previous
         one started, while every `gather_slice_s` brings more records (0: never).
-        With `inline_sync` a lone record is synced on the event loop (`_sync_inline`)."""
+        With `inline_sync` a lone record is synced on the event loop (`_sync_inline`).
+        Log-backed records alone are synced within `logged_sync_interval_s` or once
+        `logged_sync_records` wait (`_defer_sync`)."""
         if max_file_bytes < 1:
             raise ValueError("max_file_bytes must be >= 1")
         self._dir = directory
@@ -320,6 +326,10 @@ class AuditWriter:
         # Log-backed records a failure cut off (or that came during it), to write again.
         self._requeue: list[tuple[AuditEvent, int]] = []
         self._logged_dropped = False
+        self._logged_sync_interval_s = logged_sync_interval_s
+        self._logged_sync_records = logged_sync_records
+        self._logged_unsynced = 0
+        self._lazy_sync: asyncio.TimerHandle | None = None
         self.logged_watermark = 0
         """The log index of this node's last log-backed record in the chain at start."""
         self.batches = 0
@@ -380,6 +390,9 @@ class AuditWriter:
             self._closed = True
             return
         self._closed = True
+        if self._lazy_sync is not None:
+            self._lazy_sync.cancel()  # the final sync below covers those records
+            self._lazy_sync = None
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -531,18 +544,39 @@ class AuditWriter:
         if self._sync is None:
             self._durable_offset = self._written[2]
             self._resolve(last.seq)
-        elif last.logged is not None or not self._sync_inline():
-            # A log-backed record's fsync never waits on the loop: nobody waits for it.
+        elif all(p.future is None for p in batch):
+            self._defer_sync(len(batch))
+        elif not self._sync_inline(len(batch)):
             self._wakeup.set()
 
-    def _sync_inline(self) -> bool:
+    def _defer_sync(self, records: int) -> None:
+        """Log-backed records only: nobody waits for them, and the command log holds
+        them until `settle`, so their fsync can wait for company (another request's
+        record, a snapshot's `settle`), at most `logged_sync_interval_s` or
+        `logged_sync_records` records: a fsync and two thread hand-offs per write cost
+        more than the whole record."""
+        assert self._loop is not None
+        self._logged_unsynced += records
+        if self._logged_unsynced >= self._logged_sync_records:
+            self._wakeup.set()
+        elif self._lazy_sync is None:
+            self._lazy_sync = self._loop.call_later(
+                self._logged_sync_interval_s, self._sync_deferred
+            )
+
+    def _sync_deferred(self) -> None:
+        self._lazy_sync = None
+        if self._waiting:
+            self._wakeup.set()
+
+    def _sync_inline(self, batch: int) -> bool:
         """Syncs on the loop, now, when this batch is one record and no other call is in
         flight (`calls_in_flight`, kept by the API's audit hook): for a lone caller the
         two thread hand-offs of the sync thread cost more time than the fdatasync
         itself, and nobody else waits for the loop meanwhile. With other calls in flight
         the sync thread syncs, gathering their records. Returns False when it did not."""
         assert self._sync is not None
-        if not self._inline_sync or len(self._waiting) != 1 or self.calls_in_flight > 1:
+        if not self._inline_sync or batch != 1 or self.calls_in_flight > 1:
             return False
         if not self._fd_lock.acquire(blocking=False):
             return False  # the sync thread is busy with this file: it will do
@@ -648,6 +682,8 @@ class AuditWriter:
             return  # about a file since replaced: rotation or recovery answered for it
         self._durable_offset = max(self._durable_offset, offset)
         self._resolve(seq)
+        if not self._waiting:
+            self._logged_unsynced = 0
 
     def _sync_failed(self, cause: str) -> None:
         self._fail(cause, [])

@@ -106,6 +106,38 @@ def test_settle_makes_logged_records_durable_at_once(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_logged_records_alone_are_synced_within_a_bound_not_per_record(tmp_path: Path) -> None:
+    syncs: list[float] = []
+
+    def counting(fd: int) -> None:
+        syncs.append(time.monotonic())
+        os.fdatasync(fd)
+
+    async def main() -> None:
+        writer = AuditWriter(
+            tmp_path,
+            node_id=1,
+            syncer=counting,
+            logged_sync_interval_s=0.3,
+            logged_sync_records=4,
+        )
+        await writer.start()
+        written = time.monotonic()
+        writer.submit_logged(event(detail={"log_index": 1}), 1)
+        writer.submit_logged(event(detail={"log_index": 2}), 2)
+        await until(lambda: len(syncs) == 1)  # within the interval, not per record
+        assert syncs[0] - written >= 0.25
+        for index in range(3, 7):  # four more: the count triggers the next fsync
+            writer.submit_logged(event(detail={"log_index": index}), index)
+            await asyncio.sleep(0)
+        await until(lambda: len(syncs) == 2, timeout=0.25)
+        await writer.record(event("Encrypt"))  # a waiting caller's fsync covers the rest
+        await writer.stop()
+
+    asyncio.run(main())
+    assert len(verified(tmp_path)) == 7
+
+
 def test_a_failed_fsync_writes_logged_records_again_after_recovery(tmp_path: Path) -> None:
     fail = threading.Event()
     fail.set()
@@ -293,6 +325,7 @@ def test_a_mutation_is_answered_while_its_records_fsync_is_still_running(tmp_pat
         await node.start()
         assert node.audit is not None
         node.audit._sync = held_sync  # the seam, swapped in after start
+        node.audit._inline_sync = False  # held on the sync thread, not on the event loop
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{node.port}") as channel:
                 kms = pb_grpc.KeyManagementServiceStub(channel)
