@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kms.v1 import cluster_service_pb2 as cluster_pb
 from kms.v1 import cluster_service_pb2_grpc as cluster_grpc
 
-from bench.cluster_procs import Child, Children, free_ports
+from bench.cluster_procs import REPO_ROOT, Child, Children, free_ports
 
 __all__ = ["KmsdCluster"]
 
@@ -32,10 +32,21 @@ class KmsdCluster:
     its single-node log, without Raft: what kmsd costs when nothing is replicated."""
 
     def __init__(
-        self, root: Path, children: Children, size: int = 3, replicated: bool = True
+        self,
+        root: Path,
+        children: Children,
+        size: int = 3,
+        replicated: bool = True,
+        *,
+        source: Path = REPO_ROOT,
+        extra_config: str = "",
     ) -> None:
+        """`source`: the kmsd source tree to run (this one by default); `extra_config`:
+        TOML appended to every node's config."""
         if not replicated and size != 1:
             raise ValueError("only a single node runs unreplicated")
+        self.source = source
+        self.extra_config = extra_config
         self.root = root
         self.children = children
         self.size = size
@@ -78,6 +89,7 @@ class KmsdCluster:
             "\n[tls]\nplaintext = true\n"
             '\n[auth]\nadministrators = ["anonymous"]\noperators = ["anonymous"]\n'
             f'\n[cluster]\nid = "kmsd-bench"\n{members}'
+            f"{self.extra_config}"
         )
 
     def start(self) -> KmsdCluster:
@@ -90,6 +102,7 @@ class KmsdCluster:
             capture_output=True,
             text=True,
             timeout=60,
+            cwd=self.source,
         )
         if done.returncode != 0:
             raise RuntimeError(f"kmsd init failed: {done.stdout}{done.stderr}")
@@ -104,7 +117,8 @@ class KmsdCluster:
             sys.executable, "-m", "kmsd", "serve",
             "--config", str(self.root / f"node-{node_id}.toml"),
         ]  # fmt: skip
-        child = Child(f"kmsd node {node_id}", argv, self.root / f"node-{node_id}.log").start()
+        log_path = self.root / f"node-{node_id}.log"
+        child = Child(f"kmsd node {node_id}", argv, log_path, source=self.source).start()
         self.nodes[node_id] = self.children.add(child)
         return child
 

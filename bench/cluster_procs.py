@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kmsd.dev_cluster import free_ports
 
-__all__ = ["Child", "Children", "cpu_seconds", "free_ports"]
+__all__ = ["REPO_ROOT", "Child", "Children", "cpu_seconds", "free_ports"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
@@ -56,12 +56,20 @@ class Child:
     """One server process; its output goes to `log_path`."""
 
     def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        source: Path = REPO_ROOT,
     ) -> None:
+        """`source`: the source tree it runs from (its working directory, first on
+        PYTHONPATH): this repository unless an A/B compares trees."""
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env
+        self.source = source
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,7 +85,7 @@ class Child:
             **(self.env if self.env is not None else os.environ),
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(self.source), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
         with self.log_path.open("ab") as log_file:
@@ -86,7 +94,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
+                cwd=self.source,
                 env=env,
                 start_new_session=True,
                 preexec_fn=_death_signal(),  # only ever called from the main thread
