@@ -55,23 +55,12 @@ class StateMachine(Protocol):
 
 _log = logging.getLogger(__name__)
 
+_POSTPONED_LOG_EVERY_S = 10.0
+
 BeforeCompaction = Callable[[], None]
 """Called on the loop before a snapshot lets a log discard applied entries: makes
 durable whatever was derived from them and could otherwise only be rebuilt from them
 (the audit records of logged mutations, `kmsd.audit.logged`). Raises if it cannot."""
-
-
-def ready_to_snapshot(before: BeforeCompaction | None) -> bool:
-    """Runs `before` ahead of a snapshot of the log's own; False (snapshot later) if it
-    raised."""
-    if before is None:
-        return True
-    try:
-        before()
-    except Exception as error:
-        _log.warning("snapshot postponed: %s", error)
-        return False
-    return True
 
 
 def collect_politely(chunks: Iterable[bytes], slice_s: float = 0.0001) -> list[bytes]:
@@ -112,6 +101,7 @@ class SnapshotPolicy:
         self.every = every
         self._bytes_since = 0
         self._last_size = 0
+        self._postponed_logged = -_POSTPONED_LOG_EVERY_S
 
     def applied(self, command_bytes: int) -> None:
         self._bytes_since += command_bytes
@@ -131,6 +121,22 @@ class SnapshotPolicy:
         """A snapshot of this size now covers everything applied."""
         self.started()
         self.finished(snapshot_bytes)
+
+    def settled(self, before: BeforeCompaction | None) -> bool:
+        """Runs `before` ahead of a snapshot of the log's own; False (try again later)
+        if it raised. Said in the log at most every `_POSTPONED_LOG_EVERY_S`: a log asks
+        after every batch it applies."""
+        if before is None:
+            return True
+        try:
+            before()
+        except Exception as error:
+            now = time.monotonic()
+            if now - self._postponed_logged >= _POSTPONED_LOG_EVERY_S:
+                self._postponed_logged = now
+                _log.warning("snapshot postponed: %s", error)
+            return False
+        return True
 
 
 @dataclass(frozen=True)

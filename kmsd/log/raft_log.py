@@ -65,7 +65,6 @@ from kmsd.log.base import (
     SnapshotPolicy,
     StateMachine,
     collect_politely,
-    ready_to_snapshot,
 )
 from kmsd.log.raft_disk import Member, RaftDisk, cluster_snapshot, founding_log
 from kmsd.raft import (
@@ -844,7 +843,7 @@ class RaftLog:
             self._applied - self._snapshot_index
         ):
             return
-        if not ready_to_snapshot(self._before_compaction):
+        if not self._snapshots.settled(self._before_compaction):
             return
         storage, raw = self._storage, self._raw
         assert storage is not None and raw is not None

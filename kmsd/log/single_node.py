@@ -42,7 +42,6 @@ from kmsd.log.base import (
     SnapshotPolicy,
     StateMachine,
     collect_politely,
-    ready_to_snapshot,
 )
 from kmsd.storage._fsutil import Syncer
 from kmsd.storage.snapshots import Snapshot, SnapshotStore
@@ -381,7 +380,7 @@ class SingleNodeLog:
             return
         if not self._snapshots.due(self._applied_index - self._snapshot_index):
             return
-        if not ready_to_snapshot(self._before_compaction):
+        if not self._snapshots.settled(self._before_compaction):
             return
         index = self._applied_index
         # Frozen here, between applies, so the bytes match exactly `index`; encoded and

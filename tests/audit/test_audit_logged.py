@@ -258,15 +258,20 @@ def logged_life(logged: LoggedAudit) -> bytes:
     return command.audit.life
 
 
+async def restarted_after(directory: Path, recorded: int) -> tuple[AuditWriter, LoggedAudit]:
+    """Node 1's audit log after a record of log index `recorded`, then a restart."""
+    writer = AuditWriter(directory, node_id=1)
+    await writer.start()
+    writer.submit_logged(event(detail={"log_index": recorded}), recorded)
+    await writer.stop()
+    writer = AuditWriter(directory, node_id=1)
+    await writer.start()
+    return writer, LoggedAudit(writer, 1, key_arn)
+
+
 def test_commands_at_or_below_the_watermark_are_not_recorded_again(tmp_path: Path) -> None:
     async def main() -> None:
-        writer = AuditWriter(tmp_path, node_id=1)
-        await writer.start()
-        writer.submit_logged(event(detail={"log_index": 20}), 20)
-        await writer.stop()
-        writer = AuditWriter(tmp_path, node_id=1)
-        await writer.start()
-        logged = LoggedAudit(writer, 1, key_arn)
+        writer, logged = await restarted_after(tmp_path, 20)
         for index in (19, 20, 21):
             command = command_with_draft(1, b"earlier!", operation="CreateKey")
             logged.applied(index, command, fsm.CommandResult(key_id=f"k{index}"))
@@ -281,13 +286,7 @@ def test_a_reset_command_log_is_recorded_from_its_first_index(tmp_path: Path) ->
     below the last recorded one, and its commands are still recorded."""
 
     async def main() -> None:
-        writer = AuditWriter(tmp_path, node_id=1)
-        await writer.start()
-        writer.submit_logged(event(detail={"log_index": 50}), 50)
-        await writer.stop()
-        writer = AuditWriter(tmp_path, node_id=1)
-        await writer.start()
-        logged = LoggedAudit(writer, 1, key_arn)
+        writer, logged = await restarted_after(tmp_path, 50)
         life = logged_life(logged)
         for index in (1, 2):
             command = command_with_draft(1, life, operation="CreateKey")

@@ -64,6 +64,8 @@ class Cluster:
         self.settings = settings
         self.nodes: dict[int, RaftLog] = {}
         self.machines: dict[int, ListMachine] = {}
+        # What a node runs before a snapshot replaces its entries (none by default).
+        self.before_compaction: dict[int, Callable[[], None]] = {}
 
     async def start(self, node_id: int) -> RaftLog:
         machine = self.new_machine()
@@ -74,6 +76,7 @@ class Cluster:
             self.network.transport(node_id),
             founders=self.founders,
             settings=self.settings,
+            before_compaction=self.before_compaction.get(node_id),
         )
         await node.start()
         self.nodes[node_id], self.machines[node_id] = node, machine
@@ -102,9 +105,12 @@ def run(
     settings: RaftSettings = FAST,
     network: InMemoryNetwork | None = None,
     machine: Callable[[], ListMachine] = ListMachine,
+    before_compaction: Callable[[], None] | None = None,
 ) -> None:
     async def main() -> None:
         cluster = Cluster(root, size, settings, network, machine)
+        if before_compaction is not None:
+            cluster.before_compaction = dict.fromkeys(range(1, size + 1), before_compaction)
         try:
             await cluster.start_all()
             await scenario(cluster)

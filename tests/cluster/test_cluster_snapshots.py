@@ -1,7 +1,8 @@
 """A node's own snapshot is encoded and written on a thread while its Raft log goes on:
 writes commit meanwhile, the snapshot is exactly the state it was frozen at, a newer
 snapshot installed from the leader in the meantime wins over it, and its bytes are
-what protobuf would write."""
+what protobuf would write. What must be durable before a snapshot replaces entries
+(`before_compaction`: the audit records of mutations) is, or no snapshot replaces them."""
 
 from __future__ import annotations
 
@@ -178,5 +179,64 @@ def test_a_snapshot_that_cannot_be_written_stops_the_node(
         assert isinstance(leader.failure, OSError)
         with pytest.raises(UnavailableError):
             await leader.propose(b"after")
+
+    run(scenario, tmp_path, settings=SNAPSHOTTING)
+
+
+class Refusing:
+    """A `before_compaction` that raises until allowed, counting its calls."""
+
+    def __init__(self) -> None:
+        self.allowed = False
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if not self.allowed:
+            raise OSError(errno.EIO, "the audit log cannot be synced")
+
+
+def test_no_own_snapshot_while_before_compaction_fails(tmp_path: Path) -> None:
+    refusing = Refusing()
+
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        for i in range(3 * SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"a-%d" % i)
+        await until(lambda: refusing.calls >= 3, "every node asking")
+        assert all(n.snapshot_index == 0 for n in cluster.nodes.values())  # postponed
+        assert all(n.failure is None for n in cluster.nodes.values())
+        refusing.allowed = True
+        for i in range(SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"b-%d" % i)
+        await until(
+            lambda: all(n.snapshot_index > 0 for n in cluster.nodes.values()), "the snapshots"
+        )
+
+    run(scenario, tmp_path, settings=SNAPSHOTTING, before_compaction=refusing)
+
+
+def test_a_snapshot_from_the_leader_is_not_installed_while_before_compaction_fails(
+    tmp_path: Path,
+) -> None:
+    """A lagging follower that cannot make its derived state durable stops rather than
+    let the leader's snapshot replace its log."""
+    refusing = Refusing()
+
+    async def scenario(cluster: Cluster) -> None:
+        leader = await cluster.leader()
+        behind = next(i for i in cluster.nodes if i != leader.node_id)
+        follower = cluster.nodes[behind]
+        await cluster.stop(behind)
+        for i in range(4 * SNAPSHOTTING.snapshot_every):
+            await leader.propose(b"a-%d" % i)
+        await until(lambda: leader.snapshot_index > 8, "the leader's snapshot")
+        cluster.before_compaction[behind] = refusing
+        follower = await cluster.start(behind)
+        await until(lambda: follower.failure is not None, "the follower stopping")
+        assert isinstance(follower.failure, OSError) and refusing.calls >= 1
+        assert "audit log cannot be synced" in str(follower.failure)
+        assert follower.snapshot_index == 0 and follower.applied_index < leader.applied_index
+        await leader.propose(b"after")  # the other two go on
 
     run(scenario, tmp_path, settings=SNAPSHOTTING)

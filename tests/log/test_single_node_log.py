@@ -175,6 +175,34 @@ def test_restart_rebuilds_identical_state_from_snapshots(tmp_path: Path) -> None
     assert second.commands == first.commands + [b"after"]
 
 
+def test_no_snapshot_while_before_compaction_fails(tmp_path: Path) -> None:
+    """`before_compaction` (the audit records of mutations made durable) runs before each
+    snapshot; while it raises, no snapshot is taken and the WAL keeps every entry."""
+    refused: list[int] = []
+    allowed = threading.Event()
+
+    def before_compaction() -> None:
+        if not allowed.is_set():
+            refused.append(1)
+            raise OSError(errno.EIO, "the audit log cannot be synced")
+
+    async def scenario() -> None:
+        log = SingleNodeLog(
+            tmp_path, ListMachine(), snapshot_every=3, before_compaction=before_compaction
+        )
+        await log.start()
+        for i in range(12):
+            await log.propose(b"cmd-%d" % i)
+        assert refused and log.snapshot_index == 0
+        assert SnapshotStore.open(tmp_path / "snap").indexes() == []
+        allowed.set()
+        await log.propose(b"last")
+        await log.stop()  # waits for the snapshot now under way
+        assert log.snapshot_index == 13
+
+    run(scenario())
+
+
 def test_group_commit_batches_proposals_queued_during_fsync(tmp_path: Path) -> None:
     syncer = BlockingSyncer()
     machine = ListMachine()
