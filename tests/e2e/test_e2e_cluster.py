@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
+from audit_records import audit_records
 from kms.v1 import cluster_service_pb2 as cpb
 from kms.v1 import cluster_service_pb2_grpc as cpb_grpc
 from kms.v1 import kms_service_pb2 as pb
@@ -67,6 +71,38 @@ def test_every_node_answers_and_sees_writes_made_on_any_other(
     for stub in stubs:
         out = stub.Decrypt(pb.DecryptRequest(ciphertext_blob=blob, encryption_context={"k": "v"}))
         assert out.plaintext == b"x"
+
+
+def test_a_forwarded_write_is_audited_by_the_node_that_served_it(
+    cluster: KmsdProcess, stubs: list[pb_grpc.KeyManagementServiceStub]
+) -> None:
+    """The follower that took the request records it, from its own apply of the entry
+    (the audit draft travels in the command); the leader, which proposed it, does not."""
+    leader_id = _statuses(cluster)[0].leader_id
+    follower = next(i for i in range(3) if i + 1 != leader_id)
+    request_id = str(uuid.uuid4())
+    created = stubs[follower].CreateKey(pb.CreateKeyRequest(request_id=request_id))
+
+    def records(node_id: int) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in audit_records(cluster.data_dir / f"node-{node_id}" / "audit")
+            if r["request_id"] == request_id
+        ]
+
+    deadline = time.monotonic() + 10
+    while not (served := records(follower + 1)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling pace: the record is written right after the apply
+    assert len(served) == 1, served
+    (record,) = served
+    assert (record["operation"], record["outcome"], record["node"]) == (
+        "CreateKey",
+        "ok",
+        follower + 1,
+    )
+    assert record["key_arn"] == created.key_metadata.arn
+    assert record["detail"]["log_index"] == created.commit_index
+    assert records(leader_id) == []
 
 
 def test_state_changes_apply_on_every_node(
