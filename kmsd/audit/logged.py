@@ -60,7 +60,10 @@ CURRENT_CALL: contextvars.ContextVar[AuditedCall | None] = contextvars.ContextVa
 def _detail(draft: fsm.AuditDraft) -> dict[str, Any]:
     if not draft.detail_json:
         return {}
-    loaded = json.loads(draft.detail_json)
+    try:
+        loaded = json.loads(draft.detail_json)
+    except ValueError:
+        return {"undecodable_detail": True}  # never expected: drafted by this node
     return loaded if isinstance(loaded, dict) else {}
 
 
@@ -92,10 +95,16 @@ class LoggedAudit:
         return call
 
     def applied(self, index: int, command: fsm.Command, result: fsm.CommandResult) -> None:
-        """Called by the key store after it applied `command` at `index`, on the loop."""
+        """Called by the key store after it applied `command` at `index`, on the loop.
+        Never raises: a record that cannot be made must not stop the state machine."""
         if not command.HasField("audit"):
             return
-        draft = command.audit
+        try:
+            self._record(index, command.audit, result)
+        except Exception:
+            log.exception("audit: cannot make the record of log index %d", index)
+
+    def _record(self, index: int, draft: fsm.AuditDraft, result: fsm.CommandResult) -> None:
         if draft.node != self._node:
             return
         if index <= self._watermark:

@@ -269,6 +269,23 @@ async def restarted_after(directory: Path, recorded: int) -> tuple[AuditWriter, 
     return writer, LoggedAudit(writer, 1, key_arn)
 
 
+def test_a_record_that_cannot_be_made_never_stops_the_state_machine(tmp_path: Path) -> None:
+    def broken_arn(key_id: str) -> str:
+        raise RuntimeError("a bug")
+
+    async def main() -> None:
+        writer = AuditWriter(tmp_path, node_id=1)
+        await writer.start()
+        logged = LoggedAudit(writer, 1, broken_arn)
+        command = command_with_draft(1, logged_life(logged), operation="CreateKey")
+        logged.applied(1, command, fsm.CommandResult(key_id="k1"))  # does not raise
+        assert not logged.took(1)  # so the request's own record is written instead
+        await writer.stop()
+
+    asyncio.run(main())
+    assert verified(tmp_path) == []
+
+
 def test_commands_at_or_below_the_watermark_are_not_recorded_again(tmp_path: Path) -> None:
     async def main() -> None:
         writer, logged = await restarted_after(tmp_path, 20)
