@@ -34,10 +34,12 @@ from typing import TypeVar
 
 import grpc
 import pytest
+from audit_records import audit_records
 from kms.v1 import cluster_service_pb2 as cluster_pb
 from kms.v1 import cluster_service_pb2_grpc as cluster_grpc
 
 from kms_client import KmsClient, TlsFiles
+from kms_client.audit_verify import audit_files, verify
 from kms_client.errors import KmsClientError
 from kmsd.dev_cluster import free_ports
 
@@ -304,20 +306,25 @@ def kmsd_cli(*args: str) -> str:
 
 
 def archive(data_dir: Path, tgz: Path) -> None:
-    """tar -C DATA_DIR --exclude=./LOCK -czf TGZ ."""
-    say(f"$ tar -C {data_dir.name} --exclude=./LOCK -czf {tgz.name} .")
+    """tar -C DATA_DIR --exclude=./LOCK --exclude=./audit -czf TGZ ."""
+    say(f"$ tar -C {data_dir.name} --exclude=./LOCK --exclude=./audit -czf {tgz.name} .")
     with tarfile.open(tgz, "w:gz") as tar:
         for path in sorted(data_dir.iterdir()):
-            if path.name != "LOCK":
+            if path.name not in ("LOCK", "audit"):
                 tar.add(path, arcname=f"./{path.name}")
 
 
 def unpack(tgz: Path, data_dir: Path) -> None:
-    """rm -rf DATA_DIR && install -d -m 0700 DATA_DIR && tar -C DATA_DIR -xzf TGZ"""
-    say(f"$ rm -rf {data_dir.name} && install -d -m 0700 {data_dir.name}")
+    """Everything in DATA_DIR but the node's own audit/ removed, then tar -xzf TGZ."""
+    say(f"$ find {data_dir.name} -mindepth 1 -maxdepth 1 ! -name audit -exec rm -rf {{}} +")
     say(f"$ tar -C {data_dir.name} -xzf {tgz.name}")
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(mode=0o700)
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    for path in data_dir.iterdir():
+        if path.name != "audit":
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     with tarfile.open(tgz) as tar:
         if hasattr(tarfile, "tar_filter"):  # 3.11.4+: keeps owners and modes, no escapes
             tar.extractall(data_dir, filter="tar")
@@ -505,9 +512,26 @@ def test_backup_one_node_restore_the_whole_cluster(cluster: Cluster, tmp_path: P
             kms.describe_key(after.key_metadata.key_id)
         assert gone.value.aws_exception == "NotFoundException"
     with cluster.client(1, 2, 3) as kms:
-        kms.create_key("after the restore")
+        restored = kms.create_key("after the restore")
         assert len(list(kms.iter_keys())) == 2
     say("restored: the backup's key is back on every node, the later one is gone, writes work")
+
+    # Each node kept its own audit trail through the restore, and goes on with it.
+    def recorded() -> None:
+        arns = {
+            r["key_arn"]
+            for node_id in (1, 2, 3)
+            for r in audit_records(cluster.nodes[node_id].data_dir / "audit")
+            if r["operation"] == "CreateKey" and r["outcome"] == "ok"
+        }
+        assert restored.key_metadata.arn in arns
+
+    until("the new key's audit record", recorded)
+    cluster.stop_all()
+    for node_id in (1, 2, 3):
+        trail = verify(audit_files(cluster.nodes[node_id].data_dir / "audit"))
+        assert trail.ok and trail.from_genesis, (node_id, trail.first_bad)
+    say("every node's audit trail verifies from its first record, across the restore")
 
 
 def test_corrupt_wal_refuses_to_start_and_is_replaced(cluster: Cluster) -> None:
