@@ -238,15 +238,21 @@ class AuditDraft(_message.Message):
     command of another process of the node is one rebuilt from the log.
     """
     operation: _builtins.str
+    """The RPC name, e.g. "CreateKey"."""
     principal: _builtins.str
+    """The caller's principal."""
     source: _builtins.str
+    """The caller's address as gRPC reported it."""
     key_arn: _builtins.str
     """The key the request named (an ARN when it resolved), before the outcome."""
     request_id: _builtins.str
+    """The request's request_id, or one made for it."""
     detail_json: _builtins.str
     """The record's detail as canonical JSON; empty for none."""
     @_builtins.property
-    def encryption_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def encryption_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The request's encryption context, as the record keeps it."""
+
     def __init__(
         self,
         *,
