@@ -41,6 +41,9 @@ class RaftServiceStub:
     Raft tolerates loss, so the call returns once they are queued, not handled.
     A node uses it only with a peer that does not implement SendStream (an older
     version, during a rolling upgrade).
+    SendStream carries the same messages on purpose: a sender falls back from one
+    to the other with the batch it has.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     SendStream: _grpc.StreamUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]
     """Delivers batches of Raft messages from one peer to this node over one long-lived
@@ -48,6 +51,9 @@ class RaftServiceStub:
     so a message costs no call set-up. Best effort like Send; the stream ends only when
     the sender closes it (or it breaks), and the sender then opens a new one. Each
     SendRequest is checked like a Send; one naming another cluster ends the stream.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     InstallSnapshot: _grpc.StreamUnaryMultiCallable[_raft_service_pb2.InstallSnapshotRequest, _raft_service_pb2.InstallSnapshotResponse]
     """Streams a snapshot to this node: a header, then data chunks, in order."""
@@ -66,6 +72,9 @@ class RaftServiceAsyncStub(RaftServiceStub):
     Raft tolerates loss, so the call returns once they are queued, not handled.
     A node uses it only with a peer that does not implement SendStream (an older
     version, during a rolling upgrade).
+    SendStream carries the same messages on purpose: a sender falls back from one
+    to the other with the batch it has.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
     """
     SendStream: _aio.StreamUnaryMultiCallable[_raft_service_pb2.SendRequest, _raft_service_pb2.SendResponse]  # type: ignore[assignment]
     """Delivers batches of Raft messages from one peer to this node over one long-lived
@@ -73,6 +82,9 @@ class RaftServiceAsyncStub(RaftServiceStub):
     so a message costs no call set-up. Best effort like Send; the stream ends only when
     the sender closes it (or it breaks), and the sender then opens a new one. Each
     SendRequest is checked like a Send; one naming another cluster ends the stream.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     InstallSnapshot: _aio.StreamUnaryMultiCallable[_raft_service_pb2.InstallSnapshotRequest, _raft_service_pb2.InstallSnapshotResponse]  # type: ignore[assignment]
     """Streams a snapshot to this node: a header, then data chunks, in order."""
@@ -94,6 +106,9 @@ class RaftServiceServicer(metaclass=_abc_1.ABCMeta):
         Raft tolerates loss, so the call returns once they are queued, not handled.
         A node uses it only with a peer that does not implement SendStream (an older
         version, during a rolling upgrade).
+        SendStream carries the same messages on purpose: a sender falls back from one
+        to the other with the batch it has.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
 
     @_abc_1.abstractmethod
@@ -107,6 +122,9 @@ class RaftServiceServicer(metaclass=_abc_1.ABCMeta):
         so a message costs no call set-up. Best effort like Send; the stream ends only when
         the sender closes it (or it breaks), and the sender then opens a new one. Each
         SendRequest is checked like a Send; one naming another cluster ends the stream.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
