@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from kms.fsm.v1 import commands_pb2 as fsm
 
 from kmsd.api.status import abort
 from kmsd.audit.logged import CURRENT_CALL
@@ -109,9 +107,6 @@ def _extras(request: Message, response: Message | Any | None) -> dict[str, Any]:
     return extras
 
 
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
-
-
 class _Call:
     """One RPC being served, for `kmsd.audit.logged`: drafts its record for a command."""
 
@@ -124,18 +119,9 @@ class _Call:
         self._principal = principal
         self.logged = False
 
-    def fill_draft(self, draft: fsm.AuditDraft) -> None:
+    def draft_event(self) -> AuditEvent:
         request, context = self._request, self._context
-        event = self._hook.event(request, context, None, None, principal=self._principal)
-        draft.operation = event.operation
-        draft.principal = event.principal
-        draft.source = event.source
-        if event.key_arn is not None:
-            draft.key_arn = event.key_arn
-        draft.request_id = event.request_id
-        draft.encryption_context.update(event.encryption_context)
-        if event.detail:
-            draft.detail_json = _dumps(event.detail)
+        return self._hook.event(request, context, None, None, principal=self._principal)
 
 
 class AuditHook:

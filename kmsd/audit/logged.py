@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from kms.fsm.v1 import commands_pb2 as fsm
 
-from kmsd.audit.record import AuditEvent, bounded
+from kmsd.audit.record import AuditEvent, bounded, canonical_json
 from kmsd.audit.writer import AuditWriter
 from kmsd.errors import error_from_reason
 
@@ -47,8 +47,8 @@ class AuditedCall(Protocol):
     logged: bool
     """Set once its command applied and the record was written from the log."""
 
-    def fill_draft(self, draft: fsm.AuditDraft) -> None:
-        """Writes the record of the request, outcome aside, into `draft`."""
+    def draft_event(self) -> AuditEvent:
+        """The record of the request, outcome aside."""
         ...
 
 
@@ -88,10 +88,19 @@ class LoggedAudit:
         call = CURRENT_CALL.get()
         if call is None or call.logged:
             return None
+        event = call.draft_event()
         draft = command.audit
-        call.fill_draft(draft)
         draft.node = self._node
         draft.life = self._life
+        draft.operation = event.operation
+        draft.principal = event.principal
+        draft.source = event.source
+        if event.key_arn is not None:
+            draft.key_arn = event.key_arn
+        draft.request_id = event.request_id
+        draft.encryption_context.update(event.encryption_context)
+        if event.detail:
+            draft.detail_json = canonical_json(event.detail)
         return call
 
     def applied(self, index: int, command: fsm.Command, result: fsm.CommandResult) -> None:

@@ -87,10 +87,10 @@ def recovery_event(detail: Mapping[str, Any]) -> AuditEvent:
     return AuditEvent(operation=RECOVERY_OPERATION, principal="kmsd", detail=dict(detail))
 
 
-# The canonical form's settings (kms_client.audit_verify.canonical), made once.
-_dumps = json.JSONEncoder(
+canonical_json = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
+"""JSON in the records' canonical form (kms_client.audit_verify.canonical), made once."""
 
 
 def encode(event: AuditEvent, *, seq: int, time_ms: int, node: int, prev: str) -> tuple[bytes, str]:
@@ -119,7 +119,7 @@ def encode(event: AuditEvent, *, seq: int, time_ms: int, node: int, prev: str) -
         "time": rfc3339_ms(time_ms),
         "v": FORMAT_VERSION,
     }
-    front = _dumps(head)[:-1]
-    back = _dumps(tail)[1:]
+    front = canonical_json(head)[:-1]
+    back = canonical_json(tail)[1:]
     digest = hashlib.sha256(f"{front},{back}".encode()).hexdigest()
     return f'{front},"hash":"{digest}",{back}\n'.encode(), digest

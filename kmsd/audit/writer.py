@@ -54,7 +54,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,30 +117,48 @@ class _Tail:
     cut: Cut | None
 
 
+def _lines_from_end(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The newline-ended lines of `path` (without their newline), last first, each with
+    the offset just past it; bytes after the last newline are no line. Reads from the
+    end in windows that double, so what is found near the end costs little."""
+    with path.open("rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        window = _TAIL_WINDOW
+        terminated = False  # whether `end` is just past a newline
+        while end > 0:
+            start = max(0, end - window)
+            fh.seek(start)
+            data = fh.read(end - start)
+            window *= 2
+            if not terminated:
+                last = data.rfind(b"\n")
+                if last < 0:
+                    if start == 0:
+                        return
+                    continue
+                data = data[: last + 1]
+                end, terminated = start + last + 1, True
+            # The window's first line is whole only if the window starts the file.
+            first = 0 if start == 0 else data.find(b"\n") + 1
+            if first == len(data):
+                continue  # one line, perhaps begun before the window: widen it
+            stop = end
+            for line in reversed(data[first:-1].split(b"\n")):
+                yield stop, line
+                stop -= len(line) + 1
+            end = start + first
+
+
 def _last_valid(path: Path) -> tuple[int, dict[str, Any] | None, int]:
     """(end offset of the file's last valid record, that record or None, how many
     complete but invalid lines follow it)."""
-    size = path.stat().st_size
-    window = _TAIL_WINDOW
-    with path.open("rb") as fh:
-        while True:
-            start = max(0, size - window)
-            fh.seek(start)
-            data = fh.read(size - start)
-            invalid = 0
-            newline = data.rfind(b"\n")
-            while newline >= 0:
-                begin = data.rfind(b"\n", 0, newline) + 1
-                if begin == 0 and start > 0:
-                    break  # this line may begin before the window: widen it
-                record, why = parse_record(data[begin:newline])
-                if not why:
-                    return start + newline + 1, record, invalid
-                invalid += 1
-                newline = begin - 1
-            if start == 0:
-                return 0, None, invalid
-            window *= 2
+    invalid = 0
+    for end, line in _lines_from_end(path):
+        record, why = parse_record(line)
+        if not why:
+            return end, record, invalid
+        invalid += 1
+    return 0, None, invalid
 
 
 def _cut(path: Path, offset: int, reason: str) -> Cut:
@@ -233,12 +251,10 @@ def last_logged_index(directory: Path, node_id: int) -> int:
     (searched from the newest file back), or 0. (Log order is chain order, so it is the
     highest one, unless the command log was reset since: then it is the new log's.)"""
     for path in reversed(audit_files(directory)):
-        data = path.read_bytes()
-        end = len(data)
-        while (at := data.rfind(_LOG_INDEX, 0, end)) >= 0:
-            begin = data.rfind(b"\n", 0, at) + 1
-            stop = data.find(b"\n", at)
-            record, why = parse_record(data[begin : stop if stop >= 0 else len(data)])
+        for _, line in _lines_from_end(path):
+            if _LOG_INDEX not in line:
+                continue
+            record, why = parse_record(line)
             detail = record.get("detail") if record is not None and not why else None
             if (
                 record is not None
@@ -247,7 +263,6 @@ def last_logged_index(directory: Path, node_id: int) -> int:
                 and isinstance(detail.get("log_index"), int)
             ):
                 return int(detail["log_index"])
-            end = begin
     return 0
 
 
@@ -493,14 +508,12 @@ class AuditWriter:
         fdatasync here). Raises AuditUnavailable if a log-backed record cannot be made
         durable now (the log is failed or closed): the command log must then keep the
         entries it would be written from."""
+        if self._unwritten:
+            self._write_batch()  # a failure here moves its log-backed records to _requeue
         if self._requeue or self._logged_dropped:
             raise self.unavailable_error()
-        if self._unwritten:
-            self._write_batch()
         if self._failure is not None or self._closed:
-            if self._requeue:
-                raise self.unavailable_error()
-            return
+            return  # nothing log-backed is waiting (a failure requeues them all)
         if self._sync is None:
             return
         with self._fd_lock:  # a sync in progress on the thread finishes first

@@ -662,12 +662,12 @@ class RaftLog:
         storage = self._storage
         raw = self._raw
         assert storage is not None and raw is not None
-        # must_sync covers entries, a snapshot and a term or vote change; what is left
-        # (a moved commit index) needs no write of its own.
         if ready.snapshot is not None and self._before_compaction is not None:
             # The leader's snapshot replaces this node's log: what is still to be
             # derived from its applied entries must be durable first (else fatal).
             self._before_compaction()
+        # must_sync covers entries, a snapshot and a term or vote change; what is left
+        # (a moved commit index) needs no write of its own.
         durable = ready.must_sync or ready.snapshot is not None or bool(ready.entries)
         send_first = bool(ready.messages) and (ready.early_send_ok or not durable)
         if send_first:

@@ -242,8 +242,8 @@ class FakeCall:
 
     logged = False
 
-    def fill_draft(self, draft: fsm.AuditDraft) -> None:
-        draft.operation = "CreateKey"
+    def draft_event(self) -> AuditEvent:
+        return AuditEvent(operation="CreateKey")
 
 
 def logged_life(logged: LoggedAudit) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 from audit_records import audit_records
 
 from kms_client.audit_verify import GENESIS, audit_files, file_name, verify
+from kmsd.audit import writer as writer_module
 from kmsd.audit.record import AuditEvent
 from kmsd.audit.writer import AuditUnavailable, AuditWriter
 from kmsd.clock import FakeClock
@@ -443,3 +445,26 @@ def test_submit_after_stop_is_refused(tmp_path: Path) -> None:
             writer.submit(event(1))
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 64, 1 << 18])
+def test_lines_are_read_back_from_the_end_whatever_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    """The reverse reader behind start-up (torn tails, the last log-backed record) gives
+    every newline-ended line, last first, with the offset just past it."""
+    monkeypatch.setattr(writer_module, "_TAIL_WINDOW", window)
+    rng = random.Random(window)
+    for case in range(30):
+        lines = [
+            bytes(rng.choice(b"ab{}") for _ in range(rng.randrange(0, 12)))
+            for _ in range(rng.randrange(0, 8))
+        ]
+        tail = bytes(rng.choice(b"xyz") for _ in range(rng.randrange(0, 5)))  # unterminated
+        path = tmp_path / f"f{case}"
+        path.write_bytes(b"".join(line + b"\n" for line in lines) + tail)
+        expected, offset = [], 0
+        for line in lines:
+            offset += len(line) + 1
+            expected.append((offset, line))
+        assert list(writer_module._lines_from_end(path)) == expected[::-1]
