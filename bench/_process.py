@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+from kmsd.launch import prefer_grpc_settings
+
 __all__ = ["REPO_ROOT", "ServerProcess", "ServerStartError"]
 
 READY = re.compile(rb"serving on (127\.0\.0\.1):(\d+)")
@@ -58,6 +60,8 @@ class ServerProcess:
                 p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
+        # kmsd's own gRPC settings for the bare service too: the same gRPC stack.
+        prefer_grpc_settings(env)
         with self.log_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
                 self.argv, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, env=env

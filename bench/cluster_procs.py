@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsd.dev_cluster import free_ports
+from kmsd.launch import prefer_grpc_settings
 
 __all__ = ["REPO_ROOT", "Child", "Children", "cpu_seconds", "free_ports"]
 
@@ -88,6 +89,9 @@ class Child:
                 p for p in (str(self.source), os.environ.get("PYTHONPATH", "")) if p
             ),
         }
+        # The gRPC settings kmsd picks for itself, for every child: the echo servers are
+        # then the same gRPC stack as kmsd (etcd ignores them).
+        prefer_grpc_settings(env)
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 self.argv,

@@ -1,7 +1,7 @@
-"""`python -m kmsd` runs the kmsd command."""
+"""`python -m kmsd` runs the kmsd command (through `kmsd.launch`, before gRPC loads)."""
 
 import sys
 
-from kmsd.cli import main
+from kmsd.launch import main
 
 sys.exit(main())
