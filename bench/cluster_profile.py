@@ -53,7 +53,13 @@ _COMPONENTS = (
     ("kmsd/log/", "Raft driver (Ready loop, apply)"),
     ("kmsd/", "request handling (api, service, fsm, crypto)"),
 )
-_GENERIC = ("<module> (", "main (kmsd/cli.py)", "_run_code (", "_run_module_as_main (")
+_GENERIC = (
+    "<module> (",
+    "main (kmsd/cli.py)",
+    "main (kmsd/launch.py)",
+    "_run_code (",
+    "_run_module_as_main (",
+)
 
 
 def _short(frame: str) -> str:
@@ -62,10 +68,14 @@ def _short(frame: str) -> str:
     if match is None:
         return frame
     path = match.group("file")
-    for marker in ("site-packages/", "/main/", "/lib/python3.11/", "/lib/python3"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
+    if "/kmsd/" in path:
+        # Wherever the source tree is (a clone, a worktree): from its package on.
+        path = "kmsd/" + path.rpartition("/kmsd/")[2]
+    else:
+        for marker in ("site-packages/", "/lib/python3.11/", "/lib/python3"):
+            if marker in path:
+                path = path.split(marker, 1)[1]
+                break
     return f"{match.group('func')} ({path})"
 
 
