@@ -18,7 +18,7 @@ from collections.abc import MutableMapping
 #: hands completed reads and writes on to that queue: one more wake-up per message.
 #: These flags select the I/O manager gRPC used before, still shipped: on a 2-core
 #: machine a unary round trip between two processes took ≈ 20 % less time and CPU, and
-#: a lone replicated CreateKey ≈ 17 % less (docs/performance.md, "gRPC's I/O manager").
+#: a lone replicated CreateKey 8–19 % less (docs/performance.md, "gRPC's I/O manager").
 GRPC_EXPERIMENTS = (
     "-event_engine_client,-event_engine_listener,-event_engine_for_all_other_endpoints"
 )
