@@ -3,11 +3,26 @@ the top of the stack, whatever entry point (`kmsd.launch`, `kmsd.cli`) is below 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from bench.cluster_profile import summarize
-
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ROOT = "/work/x/.venv/lib/python3.11"
+
+
+def summarize(path: Path) -> str:
+    # `bench` is the repository's top-level package, not importable from the tests.
+    done = subprocess.run(
+        [
+            sys.executable, "-c",
+            "import sys; from pathlib import Path; from bench.cluster_profile import summarize;"
+            " print(summarize(Path(sys.argv[1])))",
+            str(path),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
 
 
 def _stack(*frames: str) -> str:
