@@ -17,14 +17,31 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from kmsd.launch import prefer_grpc_settings
 
-__all__ = ["REPO_ROOT", "ServerProcess", "ServerStartError"]
+__all__ = ["REPO_ROOT", "ServerProcess", "ServerStartError", "server_env"]
 
 READY = re.compile(rb"serving on (127\.0\.0\.1):(\d+)")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def server_env(source: Path = REPO_ROOT, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server process the benchmarks start from `source`: `base`
+    (this process's by default), unbuffered output, `source` first on PYTHONPATH, and
+    kmsd's own gRPC settings (`kmsd.launch`), so that kmsd and its stand-ins (the bare
+    service, the echo servers) are the same gRPC stack; etcd ignores them."""
+    env = {
+        **(base if base is not None else os.environ),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(source), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    prefer_grpc_settings(env)
+    return env
 
 
 class ServerStartError(RuntimeError):
@@ -53,18 +70,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
         """Starts the process and returns once it has printed its ready line."""
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        # kmsd's own gRPC settings for the bare service too: the same gRPC stack.
-        prefer_grpc_settings(env)
         with self.log_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
-                self.argv, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, env=env
+                self.argv, stdout=subprocess.PIPE, stderr=stderr, cwd=REPO_ROOT, env=server_env()
             )
         try:
             self._wait_ready(timeout)

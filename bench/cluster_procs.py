@@ -19,12 +19,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bench._process import REPO_ROOT, server_env
 from kmsd.dev_cluster import free_ports
-from kmsd.launch import prefer_grpc_settings
 
 __all__ = ["REPO_ROOT", "Child", "Children", "cpu_seconds", "free_ports"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
 
 
@@ -82,16 +81,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> Child:
-        env = {
-            **(self.env if self.env is not None else os.environ),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(self.source), os.environ.get("PYTHONPATH", "")) if p
-            ),
-        }
-        # The gRPC settings kmsd picks for itself, for every child: the echo servers are
-        # then the same gRPC stack as kmsd (etcd ignores them).
-        prefer_grpc_settings(env)
+        env = server_env(self.source, self.env)
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 self.argv,

@@ -119,9 +119,25 @@ class _Call:
         self._principal = principal
         self.logged = False
 
+    @property
+    def context(self) -> Ctx:
+        return self._context
+
+    def event(
+        self, response: Message | Any | None, error: KmsError | None, *, cancelled: bool = False
+    ) -> AuditEvent:
+        """The record of this call with its outcome."""
+        return self._hook.event(
+            self._request,
+            self._context,
+            response,
+            error,
+            cancelled=cancelled,
+            principal=self._principal,
+        )
+
     def draft_event(self) -> AuditEvent:
-        request, context = self._request, self._context
-        return self._hook.event(request, context, None, None, principal=self._principal)
+        return self.event(None, None)
 
 
 class AuditHook:
@@ -152,10 +168,7 @@ class AuditHook:
             try:
                 response = await run()
             except KmsError as error:
-                if not call.logged:  # else its command's record says so already
-                    await self._record(
-                        self.event(request, context, None, error, principal=principal), context
-                    )
+                await self._record_outcome(call, None, error)
                 await abort(context, error)
             except grpc.aio.AbortError:
                 raise  # the body aborted the call itself (never expected)
@@ -163,21 +176,12 @@ class AuditHook:
                 # The traceback names code, never request contents (which may be plaintext).
                 log.exception("internal error in %s", _shape(request).operation)
                 internal = InternalError("internal error")
-                if not call.logged:
-                    await self._record(
-                        self.event(request, context, None, internal, principal=principal),
-                        context,
-                    )
+                await self._record_outcome(call, None, internal)
                 await abort(context, internal)
             except asyncio.CancelledError:
-                self._record_nowait(
-                    self.event(request, context, None, None, cancelled=True, principal=principal)
-                )
+                self._record_nowait(call.event(None, None, cancelled=True))
                 raise
-            if not call.logged:
-                await self._record(
-                    self.event(request, context, response, None, principal=principal), context
-                )
+            await self._record_outcome(call, response, None)
             return response
         finally:
             CURRENT_CALL.reset(token)
@@ -195,6 +199,14 @@ class AuditHook:
             aws_exception=error.aws_exception,
         )
         await self._record(event, context)
+
+    async def _record_outcome(
+        self, call: _Call, response: Message | Any | None, error: KmsError | None
+    ) -> None:
+        """Records how `call` ended, unless its command's record, written from the log
+        (`kmsd.audit.logged`), says so already."""
+        if not call.logged:
+            await self._record(call.event(response, error), call.context)
 
     async def _record(self, event: AuditEvent, context: Ctx) -> None:
         try:

@@ -469,7 +469,7 @@ class AuditWriter:
         if not self.available or self._loop is None:
             raise self.unavailable_error()
         future: asyncio.Future[None] = self._loop.create_future()
-        self._queue(event, future, None, 0)
+        self._queue(event, future)
         return future
 
     def submit_logged(self, event: AuditEvent, log_index: int) -> None:
@@ -482,16 +482,14 @@ class AuditWriter:
         elif self._failure is not None:
             self._requeue.append((event, log_index))
         else:
-            self._queue(event, None, event, log_index)
+            self._queue(event, None, log_index)
 
     def _queue(
-        self,
-        event: AuditEvent,
-        future: asyncio.Future[None] | None,
-        logged: AuditEvent | None,
-        log_index: int,
+        self, event: AuditEvent, future: asyncio.Future[None] | None, log_index: int = 0
     ) -> None:
+        """Chains `event`; `log_index` (from 1) marks the record of a logged mutation."""
         assert self._loop is not None
+        logged = event if log_index else None
         seq = self._next_seq
         line, digest = encode(
             event, seq=seq, time_ms=self._clock.now_ms(), node=self._node, prev=self._prev
@@ -517,17 +515,10 @@ class AuditWriter:
         if self._sync is None:
             return
         with self._fd_lock:  # a sync in progress on the thread finishes first
-            gen, fd = self._gen, self._fd
+            gen = self._gen
             seq, _, offset = self._written
-            if seq > self._synced_seq and fd >= 0:
-                try:
-                    self._sync(fd)
-                except Exception as error:
-                    self._poisoned = True
-                    self._fail(f"{type(error).__name__}: {error}", [])
-                    raise self.unavailable_error() from error
-                self._synced_seq = seq
-                self.syncs += 1
+            if seq > self._synced_seq and self._fd >= 0 and not self._sync_held():
+                raise self.unavailable_error()
         self._synced(gen, seq, offset)
 
     async def record(self, event: AuditEvent) -> None:
@@ -595,17 +586,26 @@ class AuditWriter:
             return False  # the sync thread is busy with this file: it will do
         try:
             seq, _, offset = self._written
-            try:
-                self._sync(self._fd)
-            except Exception as error:
-                self._poisoned = True
-                self._fail(f"{type(error).__name__}: {error}", [])
+            if not self._sync_held():
                 return True
-            self._synced_seq = seq
-            self.syncs += 1
         finally:
             self._fd_lock.release()
         self._synced(self._gen, seq, offset)
+        return True
+
+    def _sync_held(self) -> bool:
+        """On the loop, holding `_fd_lock`: syncs the current file up to what is written.
+        On failure the log is poisoned and failed; returns False."""
+        assert self._sync is not None
+        seq = self._written[0]
+        try:
+            self._sync(self._fd)
+        except Exception as error:
+            self._poisoned = True
+            self._fail(f"{type(error).__name__}: {error}", [])
+            return False
+        self._synced_seq = seq
+        self.syncs += 1
         return True
 
     def _rotate(self, first_seq: int) -> None:
@@ -758,7 +758,7 @@ class AuditWriter:
             # Right behind it, before anything newer: log-backed records stay in log order.
             requeued, self._requeue = self._requeue, []
             for event, log_index in requeued:
-                self._queue(event, None, event, log_index)
+                self._queue(event, None, log_index)
             try:
                 await recorded
             except AuditUnavailable:

@@ -151,8 +151,8 @@ class Kms:
         logged = self.logged_audit
         call = logged.draft_into(command) if logged is not None else None
         applied = await self.log.propose(command.SerializeToString())
-        if call is not None and logged is not None and logged.took(applied.index):
-            call.logged = True
+        if call is not None:
+            call.logged = logged is not None and logged.took(applied.index)
         result = applied.result
         if not isinstance(result, fsm.CommandResult):
             raise InternalError("the state machine returned no result")
